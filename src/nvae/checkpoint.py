@@ -1,0 +1,94 @@
+"""Our checkpoint format: plain data + tensors, written atomically, read with ``weights_only=True``."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+
+FORMAT = "nvae-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint; the message says why and what to do."""
+
+
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename.
+
+    A reader never sees a half-written file, and the previous file at ``path``
+    stays intact until the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    with _suppress():   # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+def safe_load(path: Union[str, Path], map_location="cpu", allowed_globals=()) -> Any:
+    """``torch.load`` that never unpickles anything beyond tensors, plain data and ``allowed_globals``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means "not a checkpoint"
+        raise CheckpointError(
+            f"{path} could not be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "it may be truncated, from another program, or contain objects we refuse to unpickle") from None
+
+
+def save_model(model, path: Union[str, Path], **extra: Any) -> None:
+    """Write ``model`` (config, weights, buffers) and any ``extra`` plain entries to ``path``."""
+    state = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
+             "state_dict": model.state_dict(), **extra}
+    atomic_torch_save(state, path)
+
+
+def read_checkpoint(path: Union[str, Path], map_location="cpu") -> Dict[str, Any]:
+    """Read and check one of our checkpoints; returns its dict."""
+    state = safe_load(path, map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        hint = (" It looks like an official NVAE checkpoint: use NVAE.from_official."
+                if isinstance(state, dict) and "args" in state else "")
+        raise CheckpointError(f"{path} is not an nvae checkpoint.{hint}")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer nvae (format {state['version']}); upgrade nvae")
+    return state
+
+
+def load_model(path: Union[str, Path], map_location="cpu"):
+    """Rebuild the model stored at ``path``."""
+    from .config import NVAEConfig
+    from .model import NVAE
+    state = read_checkpoint(path, map_location)
+    model = NVAE(NVAEConfig.from_dict(state["config"]))
+    model.load_state_dict(state["state_dict"])
+    return model.to(map_location)

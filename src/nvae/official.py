@@ -1,0 +1,105 @@
+"""Loading checkpoints written by the official NVlabs/NVAE code.
+
+An official checkpoint is a ``torch.save`` dict whose ``args`` is an
+``argparse.Namespace``; it is read with ``weights_only=True`` and exactly that
+class on the allow-list. Our modules are built in the official order, so its
+state dict maps onto ours entry by entry; every pair is checked by role
+(weight, bias, running mean, ...) and shape, and a mismatch is an error.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, Union
+
+import torch
+
+from .checkpoint import CheckpointError, safe_load
+from .config import NVAEConfig
+
+_GREY = {"mnist", "omniglot"}
+_CROPPED = {"mnist", "omniglot", "stacked_mnist"}
+_SIZES = {"mnist": 32, "omniglot": 32, "stacked_mnist": 32, "cifar10": 32, "ffhq": 256}
+
+# Official entries with no counterpart: ``weight_normalized`` is an alias of
+# ``weight`` that the official convs without weight norm register by accident.
+_OFFICIAL_ALIASES = (".weight_normalized",)
+# Our entries with no official counterpart (power-iteration vectors, data-init flags).
+_OURS_ONLY_PREFIXES = ("spectral.",)
+_OURS_ONLY_SUFFIXES = (".init_done",)
+
+
+def config_from_args(args: Union[argparse.Namespace, dict]) -> NVAEConfig:
+    """The :class:`NVAEConfig` of an official ``train.py`` argument namespace."""
+    a = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+    dataset = a.get("dataset", "")
+    if dataset in _SIZES:
+        size = _SIZES[dataset]
+    elif dataset.split("_")[-1].isdigit():
+        size = int(dataset.split("_")[-1])
+    else:
+        raise CheckpointError(f"official dataset {dataset!r} is unknown; its image size cannot be inferred")
+    grey = dataset in _GREY
+    num_mix = int(a.get("num_mixture_dec", 10))
+    decoder = "bernoulli" if grey else ("normal" if num_mix == 1 else "mixture")
+    arch = a.get("arch_instance", "res_mbconv")
+    from .cells import ARCH_INSTANCES
+    if arch not in ARCH_INSTANCES:
+        raise CheckpointError(f"official arch_instance {arch!r} is not supported (known: "
+                              f"{', '.join(sorted(ARCH_INSTANCES))}); 'res_mbconv9' is broken in the official code")
+    try:
+        return NVAEConfig(
+            image_size=size, in_channels=1 if grey else 3,
+            num_channels_enc=a["num_channels_enc"], num_channels_dec=a["num_channels_dec"],
+            num_latent_scales=a["num_latent_scales"], num_groups_per_scale=a["num_groups_per_scale"],
+            ada_groups=bool(a.get("ada_groups", False)), min_groups_per_scale=a.get("min_groups_per_scale", 1),
+            num_preprocess_blocks=a["num_preprocess_blocks"], num_preprocess_cells=a["num_preprocess_cells"],
+            num_postprocess_blocks=a["num_postprocess_blocks"], num_postprocess_cells=a["num_postprocess_cells"],
+            num_cell_per_cond_enc=a["num_cell_per_cond_enc"], num_cell_per_cond_dec=a["num_cell_per_cond_dec"],
+            num_latent_per_group=a["num_latent_per_group"], num_nf=a.get("num_nf", 0), decoder=decoder,
+            num_mixture_dec=num_mix, num_x_bits=a.get("num_x_bits", 8), use_se=bool(a.get("use_se", False)),
+            res_dist=bool(a.get("res_dist", False)), arch_instance=arch,
+            crop_output=2 if dataset in _CROPPED else 0)
+    except KeyError as e:
+        raise CheckpointError(f"official args lack {e}; is this an NVAE train.py checkpoint?") from None
+    except ValueError as e:
+        raise CheckpointError(f"the official configuration cannot be represented: {e}") from None
+
+
+def _role(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def convert_state_dict(official: Dict[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
+    """Map an official state dict onto ``model``'s keys (checked by role and shape)."""
+    theirs = [(k, v) for k, v in official.items() if not k.endswith(_OFFICIAL_ALIASES)]
+    ours = [(k, v) for k, v in model.state_dict().items()
+            if not k.startswith(_OURS_ONLY_PREFIXES) and not k.endswith(_OURS_ONLY_SUFFIXES)]
+    if len(theirs) != len(ours):
+        raise CheckpointError(f"official state dict has {len(theirs)} entries, the model built from its args "
+                              f"expects {len(ours)}; the checkpoint and its args disagree")
+    out = {}
+    for (tk, tv), (ok, ov) in zip(theirs, ours):
+        their_role = "h0" if tk == "prior_ftr0" else _role(tk)
+        if their_role != _role(ok) or tuple(tv.shape) != tuple(ov.shape):
+            raise CheckpointError(f"official entry {tk} {tuple(tv.shape)} does not match {ok} {tuple(ov.shape)}")
+        out[ok] = tv
+    return out
+
+
+def load_official(path: Union[str, Path], map_location="cpu"):
+    """An :class:`~nvae.NVAE` in eval mode from an official checkpoint."""
+    from .model import NVAE
+    ckpt = safe_load(path, map_location, allowed_globals=[argparse.Namespace])
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "args" not in ckpt:
+        raise CheckpointError(f"{path} is not an official NVAE checkpoint (no 'state_dict' and 'args')")
+    model = NVAE(config_from_args(ckpt["args"]))
+    state = convert_state_dict(ckpt["state_dict"], model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    # The official code keeps no record of data-dependent initialisation; a trained
+    # checkpoint has had it, so it must not run again on the next batch.
+    for name, buf in model.named_buffers():
+        if name.endswith(".init_done"):
+            buf.fill_(True)
+    return model.to(map_location).eval()
