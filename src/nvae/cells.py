@@ -10,8 +10,9 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from .layers import FactorizedReduce, SqueezeExcitation, UpsampleSkip, WNConv2d, batch_norm
+from .layers import BatchNorm2d, FactorizedReduce, SqueezeExcitation, UpsampleSkip, WNConv2d, batch_norm
 
 # Cell roles and their stride: 1 keeps the resolution, 2 halves it (channels x2),
 # -1 doubles it (channels / 2).
@@ -130,9 +131,32 @@ class Cell(nn.Module):
         self.ops = nn.Sequential(*[OPS[name](c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
                                    for i, name in enumerate(ops)])
         self.se = SqueezeExcitation(c_out) if use_se else nn.Identity()
+        #: Recompute this cell in the backward pass instead of storing its activations.
+        self.checkpointing = False
+
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + 0.1 * self.se(self.ops(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.skip(x) + 0.1 * self.se(self.ops(x))
+        if not (self.checkpointing and self.training and torch.is_grad_enabled()):
+            return self._residual(x)
+        calls = []
+
+        def run(inp: torch.Tensor) -> torch.Tensor:
+            # The second call is the backward pass's recomputation: BN must give the
+            # same output without folding the same batch into its averages twice.
+            recompute = bool(calls)
+            calls.append(1)
+            bns = [m for m in self.modules() if isinstance(m, BatchNorm2d)] if recompute else []
+            for m in bns:
+                m.update_stats = False
+            try:
+                return self._residual(inp)
+            finally:
+                for m in bns:
+                    m.update_stats = True
+
+        return checkpoint(run, x, use_reentrant=False)
 
 
 class EncCombiner(nn.Module):

@@ -186,7 +186,8 @@ _HQ = dict(_RGB, image_size=256, num_channels_enc=30, num_channels_dec=30, num_l
            num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4, num_nf=2, num_x_bits=5)
 
 #: The paper's configurations (NVAE.md section 5) plus ``mnist_small``, a
-#: 16-channel MNIST model used in tests and CPU benchmarks.
+#: 16-channel MNIST model used in tests and CPU benchmarks, and ``digits``, a
+#: small model of scikit-learn's bundled 8x8 digits (the default, no download).
 PRESETS = {
     "mnist": _preset(**_MNIST, num_channels_enc=32, num_channels_dec=32, num_groups_per_scale=10),
     "mnist_small": _preset(**_MNIST, num_channels_enc=16, num_channels_dec=16, num_groups_per_scale=5),
@@ -198,4 +199,9 @@ PRESETS = {
                           num_latent_scales=1, num_groups_per_scale=28, ada_groups=False, num_nf=1),
     "celebahq256": _preset(**_HQ),
     "ffhq256": _preset(**_HQ),
+    "digits": _preset(image_size=8, in_channels=1, decoder="mixture", num_mixture_dec=5, num_x_bits=4,
+                      num_channels_enc=16, num_channels_dec=16, num_latent_scales=2, num_groups_per_scale=4,
+                      ada_groups=True, num_preprocess_blocks=1, num_preprocess_cells=2, num_postprocess_blocks=1,
+                      num_postprocess_cells=2, num_cell_per_cond_enc=1, num_cell_per_cond_dec=1,
+                      num_latent_per_group=8, num_nf=0),
 }

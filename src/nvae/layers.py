@@ -10,9 +10,27 @@ BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
 
 
-def batch_norm(channels: int) -> nn.BatchNorm2d:
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose running-statistics update can be switched off.
+
+    With ``update_stats = False`` a training-mode forward still normalises with
+    the batch statistics (same output) but leaves the running averages alone:
+    what gradient checkpointing needs when it re-runs a cell in the backward pass.
+    """
+
+    update_stats = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.update_stats:
+            # Same op as a normal step (so what autograd saves matches), but with
+            # momentum 0 the running averages stay exactly as they are.
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0, self.eps)
+        return super().forward(x)
+
+
+def batch_norm(channels: int) -> BatchNorm2d:
     """BatchNorm with NVAE's momentum (0.05, PyTorch convention) and eps."""
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+    return BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
 def _channel_norm(weight: torch.Tensor) -> torch.Tensor:

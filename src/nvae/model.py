@@ -358,6 +358,18 @@ class NVAE(nn.Module):
         log_w = self.log_importance_weights(x, num_samples, max_batch, generator)
         return torch.logsumexp(log_w, dim=0) - math.log(num_samples)
 
+    def set_checkpointing(self, enabled: bool = True, roles: Optional[Sequence[str]] = None) -> "NVAE":
+        """Recompute cells in the backward pass instead of storing their activations.
+
+        Same loss, gradients and BN statistics; less memory, more compute.
+        ``roles`` restricts it to some cell roles (e.g. ``["normal_dec", "up_dec",
+        "normal_post", "up_post"]``: the generative model's wide separable cells).
+        """
+        for cell in self.modules():
+            if isinstance(cell, Cell):
+                cell.checkpointing = enabled and (roles is None or cell.role in roles)
+        return self
+
     # ---------------------------------------------------------- regularisers
     def spectral_loss(self) -> torch.Tensor:
         """Spectral regularisation L_SR: the sum of the convolutions' largest singular values."""

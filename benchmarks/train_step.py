@@ -1,0 +1,98 @@
+"""Median seconds per NVAE training step and peak RSS.
+
+A step is what training does every iteration: forward, the objective with KL
+balancing, spectral and BN regularisation, backward, Adamax update.
+
+    python benchmarks/train_step.py --preset mnist_small --batch 32
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from nvae import NVAE, NVAEConfig
+from nvae.objective import kl_balance_alpha, nvae_loss
+from nvae.runtime import tune_cpu_allocator
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mnist_small")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--checkpointing", nargs="?", const="all", default=None,
+                   help="recompute cells in backward: 'all' or comma-separated cell roles")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-tune-allocator", action="store_true",
+                   help="leave glibc's malloc thresholds alone (see nvae.runtime.tune_cpu_allocator)")
+    a = p.parse_args(argv)
+    tuned = False if a.no_tune_allocator else tune_cpu_allocator()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    cfg = NVAEConfig.preset(a.preset)
+    model = NVAE(cfg).to(device)
+    if a.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if a.checkpointing:
+        model.set_checkpointing(True, None if a.checkpointing == "all" else a.checkpointing.split(","))
+    model.train()
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
+    alpha = kl_balance_alpha(cfg.groups_per_scale).to(device)
+    step_model = torch.compile(model) if a.compile else model
+    # The spectral/BN terms need the real module; compile only the forward.
+    if a.compile:
+        step_model.spectral_loss = model.spectral_loss
+        step_model.batchnorm_loss = model.batchnorm_loss
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "fp16")
+    x = (torch.rand(a.batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) > 0.5).float()
+    if cfg.decoder != "bernoulli":
+        x = torch.floor(x * 255) / 255
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with ctx:
+            out = nvae_loss(step_model, x, beta=0.5, lam=1e-2, alpha=alpha)
+        scaler.scale(out.loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return out.loss.item()
+
+    for _ in range(a.warmup):
+        step()
+    times = []
+    for _ in range(a.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    flags = " ".join(f for f, on in [("channels-last", a.channels_last), ("compile", a.compile),
+                                     (f"checkpointing={a.checkpointing}", a.checkpointing),
+                                     ("tuned-allocator", tuned)] if on)
+    print(f"preset={a.preset} batch={a.batch} device={device} precision={a.precision} {flags}".rstrip())
+    print(f"median step: {statistics.median(times):.3f} s  (min {min(times):.3f}, max {max(times):.3f}, n={len(times)})")
+    print(f"peak RSS: {rss_gb:.2f} GB")
+    if device.type == "cuda":
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

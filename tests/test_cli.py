@@ -1,0 +1,50 @@
+"""End-to-end: the `nvae` command on tiny data."""
+import json
+
+import pytest
+import torch
+
+from nvae import NVAE
+from nvae.cli import main
+
+
+def test_train_digits_writes_a_complete_run(tmp_path):
+    run = tmp_path / "run"
+    rc = main(["train", "--run-dir", str(run), "--max-steps", "4", "--batch-size", "32",
+               "--model", "num_channels_enc=8", "--model", "num_channels_dec=8",
+               "--train", "log_every=2", "--train", "image_every=4"])
+    assert rc == 0
+    for name in ["checkpoint.pt", "samples.png", "reconstructions.png", "log.txt", "model_config.json",
+                 "train_config.json"]:
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*"))
+    model = NVAE.from_checkpoint(run / "checkpoint.pt")
+    assert model.config.num_channels_enc == 8
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 4 and saved["train_config"]["batch_size"] == 32
+    assert json.loads((run / "train_config.json").read_text())["max_steps"] == 4
+    assert "step 4 nelbo" in (run / "log.txt").read_text()
+    # the same run directory is not silently overwritten
+    assert main(["train", "--run-dir", str(run), "--max-steps", "1"]) == 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--preset", "no_such_preset"],
+    ["train", "--model", "not_a_field=1"],
+    ["train", "--model", "use_se=maybe"],
+    ["train", "--preset", "mnist_small", "--data", "/definitely/not/here"],
+])
+def test_bad_input_is_one_clear_error_and_writes_nothing(argv, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(argv + ["--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nvae: error:") and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_presets_command_lists_every_preset(capsys):
+    from nvae import PRESETS
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in PRESETS:
+        assert name in out
