@@ -60,8 +60,9 @@ def safe_load(path: Union[str, Path], map_location="cpu", allowed_globals=()) ->
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read means "not a checkpoint"
+        reason = (str(e).splitlines() or ["empty or truncated file"])[0][:200]
         raise CheckpointError(
-            f"{path} could not be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"{path} could not be read as a checkpoint ({type(e).__name__}: {reason}); "
             "it may be truncated, from another program, or contain objects we refuse to unpickle") from None
 
 
@@ -79,8 +80,13 @@ def read_checkpoint(path: Union[str, Path], map_location="cpu") -> Dict[str, Any
         hint = (" It looks like an official NVAE checkpoint: use NVAE.from_official."
                 if isinstance(state, dict) and "args" in state else "")
         raise CheckpointError(f"{path} is not an nvae checkpoint.{hint}")
-    if state.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} was written by a newer nvae (format {state['version']}); upgrade nvae")
+    version = state.get("version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path} is damaged: its format version is {version!r}")
+    if version > VERSION:
+        raise CheckpointError(f"{path} was written by a newer nvae (format {version}); upgrade nvae")
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is damaged: it lacks its config or weights")
     return state
 
 
@@ -89,6 +95,9 @@ def load_model(path: Union[str, Path], map_location="cpu"):
     from .config import NVAEConfig
     from .model import NVAE
     state = read_checkpoint(path, map_location)
-    model = NVAE(NVAEConfig.from_dict(state["config"]))
-    model.load_state_dict(state["state_dict"])
+    try:
+        model = NVAE(NVAEConfig.from_dict(state["config"]))
+        model.load_state_dict(state["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is damaged or inconsistent: {str(e).splitlines()[0][:300]}") from None
     return model.to(map_location)

@@ -181,12 +181,17 @@ class DiscMixLogistic:
         return (torch.stack([x0, x1, x2], dim=1) + 1) / 2
 
     def sample(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """A sample in [0, 1] (not rounded to the grid, as in the official code)."""
+        """A sample in [0, 1] (not rounded to the grid, as in the official code).
+
+        ``temperature`` < 1 sharpens: it divides the mixture logits and multiplies
+        the logistic scales. (The official code divides the scales by t, which
+        makes low-temperature pixels noisier; its evaluation samples at t = 1.)
+        """
         u = _rand_like(self.logit_probs, generator, 1e-5, 1 - 1e-5)
         gumbel = -torch.log(-torch.log(u))
         means, log_scales, coeffs = self._select(torch.argmax(self.logit_probs / temperature + gumbel, dim=1))
         u = _rand_like(means, generator, 1e-5, 1 - 1e-5)
-        x = means + torch.exp(log_scales) / temperature * (torch.log(u) - torch.log1p(-u))
+        x = means + torch.exp(log_scales) * temperature * (torch.log(u) - torch.log1p(-u))
         return self._couple(x, coeffs)
 
     def mean(self) -> torch.Tensor:

@@ -307,17 +307,15 @@ class NVAE(nn.Module):
                mean: Optional[bool] = None) -> torch.Tensor:
         """``n`` images in [0, 1] from the prior at ``temperature``.
 
-        Like the official code, binary images show the Bernoulli means and colour
-        images a sample of the mixture (at the last group's temperature);
-        ``mean=True`` or ``False`` forces one or the other.
+        Like the official evaluation, binary images show the Bernoulli means and
+        colour images a sample of p(x|z) (pixel noise at temperature 1: the
+        temperature acts on the latents); ``mean=True`` or ``False`` forces one
+        or the other.
         """
         dist = self.output_distribution(self.sample_logits(n, temperature, generator))
         if mean is None:
             mean = self.config.decoder == "bernoulli"
-        if mean:
-            return dist.mean()
-        t = _per_group(temperature, self.num_groups)[-1]
-        return dist.sample(t if t > 0 else 1.0, generator)
+        return dist.mean() if mean else dist.sample(1.0, generator)
 
     # ------------------------------------------------------------- likelihood
     @contextlib.contextmanager
