@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Union
 
@@ -15,6 +14,7 @@ from .config import NVAEConfig
 from .distributions import Normal, ResidualNormal, output_distribution, sum_log_prob
 from .flows import PairedFlowCell
 from .layers import WNConv2d
+from .objective import iw_bound
 from .regularizers import SpectralRegularizer, batchnorm_loss
 
 Temperature = Union[float, Sequence[float]]
@@ -328,23 +328,30 @@ class NVAE(nn.Module):
             self.train(was_training)
 
     @torch.no_grad()
-    def log_importance_weights(self, x: torch.Tensor, num_samples: int, max_batch: int = 1024,
-                               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(K, B) log weights ``log p(x|z_k) + log p(z_k) - log q(z_k|x)``, z_k ~ q(z|x).
+    def importance_sample(self, x: torch.Tensor, num_samples: int, max_batch: int = 1024,
+                          generator: Optional[torch.Generator] = None):
+        """Draw K posterior samples per image; returns ``(log_w, nelbo)``, each (K, B).
 
-        The K samples are folded into the batch in chunks of at most ``max_batch``
-        images per forward pass; BN runs in eval mode, so folding does not change
-        any number.
+        ``log_w = log p(x|z_k) + log p(z_k) - log q(z_k|x)`` and ``nelbo = recon + KL``
+        (KL as in training: analytic without flows). The K samples are folded into
+        the batch in chunks of at most ``max_batch`` images per forward pass; BN
+        runs in eval mode, so folding does not change any number.
         """
         b = x.shape[0]
         per_chunk = max(1, max_batch // b)
-        chunks = []
+        log_w, nelbo = [], []
         with self._eval_mode():
             for start in range(0, num_samples, per_chunk):
                 k = min(per_chunk, num_samples - start)
                 out = self(x.repeat(k, 1, 1, 1), generator=generator)
-                chunks.append((-out.recon - out.log_q + out.log_p).view(k, b))
-        return torch.cat(chunks, dim=0)
+                log_w.append((-out.recon - out.log_q + out.log_p).view(k, b))
+                nelbo.append((out.recon + out.kl.sum(1)).view(k, b))
+        return torch.cat(log_w, dim=0), torch.cat(nelbo, dim=0)
+
+    def log_importance_weights(self, x: torch.Tensor, num_samples: int, max_batch: int = 1024,
+                               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """(K, B) log weights ``log p(x|z_k) + log p(z_k) - log q(z_k|x)``, z_k ~ q(z|x)."""
+        return self.importance_sample(x, num_samples, max_batch, generator)[0]
 
     @torch.no_grad()
     def log_likelihood(self, x: torch.Tensor, num_samples: int = 1000, max_batch: int = 1024,
@@ -353,8 +360,7 @@ class NVAE(nn.Module):
 
         ``logsumexp_k(log w_k) - log K`` with K = ``num_samples`` posterior samples.
         """
-        log_w = self.log_importance_weights(x, num_samples, max_batch, generator)
-        return torch.logsumexp(log_w, dim=0) - math.log(num_samples)
+        return iw_bound(self.log_importance_weights(x, num_samples, max_batch, generator))
 
     def set_checkpointing(self, enabled: bool = True, roles: Optional[Sequence[str]] = None) -> "NVAE":
         """Recompute cells in the backward pass instead of storing their activations.
