@@ -69,6 +69,116 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_any(path: str, device: str = "cpu"):
+    """A model from one of our checkpoints, a run directory, or an official checkpoint."""
+    from pathlib import Path
+
+    from . import NVAE
+    from .checkpoint import CheckpointError, safe_load
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p}; pass a run directory or a checkpoint file")
+    try:
+        return NVAE.from_checkpoint(p, device).eval(), p
+    except CheckpointError as ours:
+        import argparse as _argparse
+        try:
+            state = safe_load(p, device, allowed_globals=[_argparse.Namespace])
+        except CheckpointError:
+            raise ours from None
+        if isinstance(state, dict) and "args" in state:
+            return NVAE.from_official(p, device), p
+        raise ours from None
+
+
+def _write_json(obj, path) -> None:
+    import json
+    import os
+    from pathlib import Path
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .data import build_dataset
+    from .evaluate import evaluate
+    model, ckpt = load_any(args.checkpoint, args.device)
+    dataset = args.dataset or _dataset_of(ckpt)
+    data = build_dataset(dataset, args.split, args.data)
+    result = evaluate(model, data, num_samples=args.num_samples, batch_size=args.batch_size,
+                      max_batch=args.max_batch, max_images=args.max_images, device=args.device,
+                      generator=torch.Generator().manual_seed(args.seed))
+    out = {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, **result.to_dict()}
+    print(json.dumps(out, indent=2))
+    _write_json(out, Path(args.output) if args.output else ckpt.with_name(f"eval_{args.split}_K{args.num_samples}.json"))
+    return 0
+
+
+_OFFICIAL_DATASETS = {"mnist": "mnist", "cifar10": "cifar10", "celeba_64": "celeba64", "imagenet_32": "imagenet32",
+                      "celeba_256": "celebahq256", "ffhq": "ffhq256"}
+
+
+def _dataset_of(ckpt) -> str:
+    """The data set a checkpoint was trained on: from our training config or the official args."""
+    import argparse as _argparse
+
+    from .checkpoint import safe_load
+    state = safe_load(ckpt, allowed_globals=[_argparse.Namespace])
+    if isinstance(state, dict) and isinstance(state.get("train_config"), dict):
+        return state["train_config"]["dataset"]
+    if isinstance(state, dict) and "args" in state:
+        name = vars(state["args"]).get("dataset")
+        if name in _OFFICIAL_DATASETS:
+            return _OFFICIAL_DATASETS[name]
+    raise ValueError(f"{ckpt} does not say which data set it was trained on; pass --dataset")
+
+
+def _parse_temperatures(text: str):
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"temperatures must be comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from torchvision.utils import save_image
+
+    from .sampling import readjust_bn_cached
+    model, ckpt = load_any(args.checkpoint, args.device)
+    per_group = _parse_temperatures(args.per_group_temperature) if args.per_group_temperature else None
+    temps = [per_group] if per_group else _parse_temperatures(args.temperatures or str(args.temperature))
+    out_dir = Path(args.out or ckpt.parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(args.seed)
+    for t in temps:
+        if args.readjust_bn:
+            model.load_state_dict(load_any(ckpt, args.device)[0].state_dict())   # statistics of the checkpoint
+            cached = readjust_bn_cached(model, ckpt, t, args.readjust_steps, generator=gen, progress=True)
+            print(f"BN statistics for t={t}: {'from cache' if cached else 're-adjusted and cached'}")
+        images = model.sample(args.n, t, gen).float()
+        name = "samples_t" + ("-".join(f"{v:g}" for v in t) if isinstance(t, list) else f"{t:g}")
+        png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
+        save_image(images, out_dir / f".{png.name}.tmp", nrow=max(1, int(args.n ** 0.5)), format="png")
+        (out_dir / f".{png.name}.tmp").replace(png)
+        np.savez_compressed(out_dir / f".{name}.tmp.npz", images=images.numpy())
+        (out_dir / f".{name}.tmp.npz").replace(npz)
+        print(f"wrote {png} and {npz}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nvae", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -95,6 +205,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="override an NVAEConfig field")
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="NELBO and importance-weighted NLL over a split")
+    p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--num-samples", "-k", type=int, default=1000, help="K of the importance-weighted bound")
+    p.add_argument("--dataset", default=None, help="data set name (default: the one the run was trained on)")
+    p.add_argument("--data", default=None, help="folder holding the data set's files")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=1024, help="images per forward pass (K is folded in)")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("sample", help="sample images from the prior (PNG grid and .npz)")
+    p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
+    p.add_argument("-n", type=int, default=64, help="number of samples")
+    p.add_argument("--temperature", "-t", type=float, default=1.0)
+    p.add_argument("--temperatures", default=None, help="comma-separated list, one grid each")
+    p.add_argument("--per-group-temperature", default=None, help="comma-separated, one per latent group")
+    p.add_argument("--readjust-bn", action="store_true", help="re-estimate decoder BN statistics at t (cached)")
+    p.add_argument("--readjust-steps", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_sample)
     return parser
 
 

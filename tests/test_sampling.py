@@ -1,0 +1,79 @@
+"""BN re-adjustment and the eval / sample commands."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nvae import NVAE, NVAEConfig
+from nvae.cli import main
+from nvae.sampling import bn_cache_path, decoder_bn_layers, readjust_bn, readjust_bn_cached
+
+from conftest import DATA, REFERENCE, needs_shared
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return NVAE(NVAEConfig.preset("mnist_small", num_channels_enc=4, num_channels_dec=4, num_groups_per_scale=2))
+
+
+def test_readjust_bn_changes_only_decoder_bn_statistics():
+    model = tiny_model().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    readjust_bn(model, temperature=0.6, steps=3, batch_size=4, generator=torch.Generator().manual_seed(0))
+    assert not model.training
+    decoder = decoder_bn_layers(model)
+    assert decoder
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    allowed = {f"{name}.{buf}" for name in decoder for buf in ("running_mean", "running_var", "num_batches_tracked")}
+    assert changed and changed <= allowed
+    assert any(k.endswith("running_var") for k in changed)
+
+
+def test_readjusted_statistics_are_cached_per_temperature(tmp_path):
+    model = tiny_model()
+    ckpt = tmp_path / "m.pt"
+    model.save(ckpt)
+    gen = torch.Generator().manual_seed(0)
+    assert readjust_bn_cached(model, ckpt, 0.7, steps=2, batch_size=4, generator=gen) is False
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert bn_cache_path(ckpt, 0.7, 2).is_file()
+    fresh = NVAE.from_checkpoint(ckpt)
+    assert readjust_bn_cached(fresh, ckpt, 0.7, steps=2) is True
+    assert all(torch.equal(stats[k], v) for k, v in fresh.state_dict().items() if "running" in k)
+    assert bn_cache_path(ckpt, 0.8, 2) != bn_cache_path(ckpt, 0.7, 2)
+
+
+def test_sample_command_writes_grids_and_arrays(tmp_path):
+    model = tiny_model()
+    model.save(tmp_path / "checkpoint.pt")
+    rc = main(["sample", str(tmp_path), "-n", "4", "--temperatures", "0.5,1", "--out", str(tmp_path / "s")])
+    assert rc == 0
+    for t in ("0.5", "1"):
+        assert (tmp_path / "s" / f"samples_t{t}.png").is_file()
+        arr = np.load(tmp_path / "s" / f"samples_t{t}.npz")["images"]
+        assert arr.shape == (4, 1, 32, 32) and arr.min() >= 0 and arr.max() <= 1
+    assert not list((tmp_path / "s").glob(".*"))          # no temporary files left behind
+
+
+def test_sample_command_rejects_bad_temperatures(tmp_path, capsys):
+    tiny_model().save(tmp_path / "checkpoint.pt")
+    assert main(["sample", str(tmp_path), "--temperatures", "0.5,hot"]) == 2
+    assert "temperatures" in capsys.readouterr().err
+
+
+def test_eval_command_needs_a_checkpoint(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+@needs_shared("reference", "mnist_tiny")
+@needs_shared("data", "MNIST")
+def test_eval_command_on_an_official_checkpoint(tmp_path):
+    out = tmp_path / "eval.json"
+    rc = main(["eval", str(REFERENCE / "mnist_tiny" / "checkpoint.pt"), "--data", str(DATA), "-k", "2",
+               "--max-images", "8", "--output", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["dataset"] == "mnist" and result["num_images"] == 8 and result["data_dims"] == 784
+    assert 20 < result["nll"] < 400 and result["nll"] <= result["nelbo"] + 5
