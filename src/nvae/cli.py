@@ -25,17 +25,22 @@ def _parse_overrides(items: List[str], cls) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"bad override {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        default = getattr(cls(), key) if key != "dataset" else ""
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"override {key} needs true or false, got {value!r}")
-            out[key] = value.lower() in ("true", "1", "yes")
-        elif isinstance(default, int):
-            out[key] = int(value)
-        elif isinstance(default, float):
-            out[key] = float(value)
-        else:
-            out[key] = value
+        kind = str(fields[key].type)
+        try:
+            if "Optional" in kind and value.lower() == "none":
+                out[key] = None
+            elif "bool" in kind:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                out[key] = value.lower() in ("true", "1", "yes")
+            elif "int" in kind:
+                out[key] = int(value)
+            elif "float" in kind:
+                out[key] = float(value)
+            else:
+                out[key] = value
+        except ValueError:
+            raise ValueError(f"override {key}={value!r}: expected a value of type {kind}") from None
     return out
 
 
@@ -62,10 +67,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.tune_allocator:
         from .runtime import tune_cpu_allocator
         tune_cpu_allocator()
-    print(f"training {args.preset} on {train_cfg.dataset} -> {run_dir}")
+    import os
+    main_process = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 talks
+    if main_process:
+        print(f"training {args.preset} on {train_cfg.dataset} -> {run_dir}")
     train(model_cfg, train_cfg, run_dir, data_root=args.data, device=args.device)
-    print(f"done: {run_dir / 'checkpoint.pt'}, samples in {run_dir / 'samples.png'}, "
-          f"TensorBoard: tensorboard --logdir {run_dir}")
+    if main_process:
+        print(f"done: {run_dir / 'checkpoint.pt'}, samples in {run_dir / 'samples.png'}, "
+              f"TensorBoard: tensorboard --logdir {run_dir}")
     return 0
 
 

@@ -167,7 +167,6 @@ class NVAE(nn.Module):
         self.output_head = OutputHead(c.num_channels_dec * m, c.num_output_channels)
 
         self.spectral = SpectralRegularizer([mod for mod in self.modules() if isinstance(mod, nn.Conv2d)])
-        self._bn_layers = [mod for mod in self.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
 
     # ------------------------------------------------------------- properties
     @property
@@ -381,7 +380,8 @@ class NVAE(nn.Module):
 
     def batchnorm_loss(self) -> torch.Tensor:
         """BN regularisation L_BN: the sum over BN layers of max |gamma|."""
-        return batchnorm_loss(self._bn_layers)
+        # Looked up on each call: BN layers may be swapped (synchronised BN under DDP).
+        return batchnorm_loss([m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: Union[str, Path], **extra) -> None:

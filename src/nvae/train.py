@@ -3,6 +3,11 @@
 ``train(model_config, train_config, run_dir)`` writes a run directory: both
 configs as JSON, ``checkpoint.pt``, TensorBoard ``events.*``, sample and
 reconstruction grids, and ``log.txt``.
+
+Started by ``torchrun --nproc_per_node N -m nvae train ...`` every process runs
+the same loop on its own ``batch_size`` images (the official per-GPU batch)
+with DistributedDataParallel and synchronised BN (:mod:`nvae.distributed`);
+only rank 0 writes the run directory.
 """
 from __future__ import annotations
 
@@ -19,12 +24,14 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .config import NVAEConfig
 from .data import build_dataset, prepare_batch
+from .distributed import DistributedContext, init_distributed, wrap_model
 from .model import NVAE
-from .objective import kl_balance_alpha, kl_coefficient, nvae_loss, regularization_coefficient
+from .objective import Loss, kl_balance_alpha, kl_coefficient, nvae_loss, regularization_coefficient
 
 log = logging.getLogger("nvae.train")
 
@@ -49,6 +56,8 @@ class TrainConfig:
     kl_balance: bool = True
     seed: int = 1
     max_steps: Optional[int] = None      #: stop early (the schedules still follow ``epochs``)
+    max_minutes: Optional[float] = None  #: stop after this much wall-clock training time
+    flip: Optional[bool] = None          #: horizontal flips of training images (None: the data set's default)
     precision: str = "fp32"
     channels_last: bool = False
     checkpointing: bool = False
@@ -120,34 +129,95 @@ def _save_grid(images: torch.Tensor, path: Path, min_side: int = 128) -> None:
     tmp.replace(path)
 
 
+def _rank_seed(seed: int, rank: int) -> int:
+    """A seed of its own for each process, derived from the run's seed."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def train_step(net, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor, beta: float,
+               lam: float, alpha: Optional[torch.Tensor], balance: bool = True, dtype: Optional[torch.dtype] = None,
+               dist_ctx: Optional[DistributedContext] = None):
+    """One optimisation step: loss, backward, gradient norm, and the update unless something is non-finite.
+
+    ``net`` is what :func:`~nvae.objective.nvae_loss` takes: the model, or its
+    DDP wrapper (:func:`~nvae.distributed.wrap_model`). Returns the loss terms
+    (of this process's images), the gradient norm (of the gradients averaged
+    over the processes) and whether the optimiser stepped. A step whose loss or
+    gradient norm is non-finite on *any* process is skipped on all of them, so
+    the replicas never drift apart.
+    """
+    opt.zero_grad(set_to_none=True)
+    amp = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with amp:
+        out = nvae_loss(net, x, beta, lam, alpha, balance)
+    scaler.scale(out.loss).backward()
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
+    bad = not (torch.isfinite(out.loss) and torch.isfinite(grad_norm))
+    if dist_ctx is not None:
+        bad = dist_ctx.any(bad)
+    if not bad:
+        scaler.step(opt)
+    scaler.update()
+    return out, grad_norm, not bad
+
+
 def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Path, data_root: Optional[str] = None,
           device: str | torch.device = "cpu", progress: bool = True) -> NVAE:
-    """Train a model as the official code does and return it (in eval mode)."""
+    """Train a model as the official code does and return it (in eval mode).
+
+    Under torchrun (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set) every process
+    calls this: each trains on ``batch_size`` images per step from its share of
+    the data set (the global batch is ``batch_size`` x processes), CUDA processes
+    on ``cuda:LOCAL_RANK``, and only rank 0 writes ``run_dir``.
+    """
+    dist_ctx = init_distributed(device)
+    try:
+        return _train(model_config, train_config, Path(run_dir), data_root, dist_ctx, progress)
+    finally:
+        dist_ctx.close()
+
+
+def _train(model_config: NVAEConfig, cfg: TrainConfig, run_dir: Path, data_root: Optional[str],
+           dist_ctx: DistributedContext, progress: bool) -> NVAE:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    cfg, device = train_config, torch.device(device)
+    device, main, world = dist_ctx.device, dist_ctx.is_main, dist_ctx.world_size
+    # Seeded identically on every process, so all build the same initial model.
     gen = seed_everything(cfg.seed)
     # Data problems are reported before anything is written.
-    data = build_dataset(cfg.dataset, "train", data_root)
-    test_data = build_dataset(cfg.dataset, "test", data_root)
-    if len(data) < cfg.batch_size:
-        raise ValueError(f"the training set has {len(data)} images, fewer than batch_size {cfg.batch_size}")
+    opts = dict(image_size=model_config.image_size, channels=model_config.in_channels, flip=cfg.flip)
+    data = build_dataset(cfg.dataset, "train", data_root, **opts)
+    test_data = build_dataset(cfg.dataset, "test", data_root, **opts)
+    if len(data) // world < cfg.batch_size:
+        share = f" ({len(data) // world} per process for {world} processes)" if world > 1 else ""
+        raise ValueError(f"the training set has {len(data)} images{share}, fewer than batch_size {cfg.batch_size}")
     shape = tuple(data[0][0].shape)
     expected = (model_config.in_channels, model_config.image_size, model_config.image_size)
     if shape != expected:
         raise ValueError(f"data set {cfg.dataset!r} yields images of shape {shape} but the model expects "
                          f"{expected}; pick the matching preset or override in_channels / image_size")
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model_config.to_json(run_dir / "model_config.json")
-    (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    handler = logging.FileHandler(run_dir / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
+    handler = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        model_config.to_json(run_dir / "model_config.json")
+        (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        handler = logging.FileHandler(run_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    sampler = None
+    if dist_ctx.enabled:
+        # Same permutation on every process (seed + epoch), each taking its own slice;
+        # each binarises its images with a stream of its own.
+        sampler = DistributedSampler(data, num_replicas=world, rank=dist_ctx.rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=True)
+        gen = torch.Generator().manual_seed(_rank_seed(cfg.seed, dist_ctx.rank))
+        loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, generator=gen)
+    else:
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -156,21 +226,33 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.set_checkpointing(cfg.checkpointing)
+    net = wrap_model(model, dist_ctx)
     opt = torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate, eps=1e-3, weight_decay=cfg.weight_decay)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     alpha = kl_balance_alpha(model_config.groups_per_scale).to(device)
-    writer = SummaryWriter(str(run_dir))
+    writer = SummaryWriter(str(run_dir)) if main else None
     fixed = next(iter(DataLoader(test_data, batch_size=16)))[0]
-    log.info("model %s params, %s groups per scale, %d steps (%d per epoch)",
-             f"{sum(p.numel() for p in model.parameters()):,}", list(model_config.groups_per_scale), last_step,
-             steps_per_epoch)
+    if dist_ctx.enabled:
+        # Posterior noise: independent across processes (their images differ too).
+        torch.manual_seed(_rank_seed(cfg.seed, dist_ctx.rank))
+    if main:
+        log.info("model %s params, %s groups per scale, %d steps (%d per epoch)",
+                 f"{sum(p.numel() for p in model.parameters()):,}", list(model_config.groups_per_scale), last_step,
+                 steps_per_epoch)
+        if dist_ctx.enabled:
+            log.info("%d processes (%s), %d images per process, global batch %d", world, dist.get_backend(),
+                     cfg.batch_size, world * cfg.batch_size)
+    extra = {"world_size": world} if dist_ctx.enabled else {}
 
-    step, skipped = 0, 0
-    bar = tqdm(total=last_step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    step, skipped, epoch = 0, 0, 0
+    bar = tqdm(total=last_step, desc="train", unit="step", disable=not (progress and main), dynamic_ncols=True)
     t_start = time.perf_counter()
-    model.train()
+    net.train()
     while step < last_step:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        epoch += 1
         for (x,) in loader:
             if step >= last_step:
                 break
@@ -183,44 +265,54 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
             beta = kl_coefficient(step, total_steps, cfg.kl_anneal_portion, cfg.kl_const_portion, cfg.kl_const_coeff)
             lam = regularization_coefficient(beta, cfg.weight_decay_norm, cfg.weight_decay_norm_init,
                                              cfg.weight_decay_norm_anneal)
-            opt.zero_grad(set_to_none=True)
-            ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-            with ctx:
-                out = nvae_loss(model, x, beta, lam, alpha, cfg.kl_balance)
-            scaler.scale(out.loss).backward()
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            if torch.isfinite(out.loss) and torch.isfinite(grad_norm):
-                scaler.step(opt)
-            else:
+            out, grad_norm, stepped = train_step(net, opt, scaler, x, beta, lam, alpha, cfg.kl_balance, dtype,
+                                                 dist_ctx)
+            if not stepped:
                 skipped += 1
-            scaler.update()
             step += 1
-            nelbo = out.nelbo.mean().item()
+            if cfg.max_minutes is not None:
+                # every rank stops at the same step
+                if dist_ctx.any(time.perf_counter() - t_start > 60 * cfg.max_minutes):
+                    last_step = step
+            stats = _batch_means(out, dist_ctx)
+            nelbo = stats["nelbo"].item()
             bar.update(1)
-            bar.set_postfix(nelbo=f"{nelbo:.2f}", kl=f"{out.kl.sum(1).mean().item():.2f}",
+            bar.set_postfix(nelbo=f"{nelbo:.2f}", kl=f"{stats['kl'].item():.2f}",
                             steps_s=f"{step / (time.perf_counter() - t_start):.1f}")
-            if step % cfg.log_every == 0 or step == last_step:
-                _log_scalars(writer, step, out, beta, lr, lam, grad_norm, skipped)
+            if main and (step % cfg.log_every == 0 or step == last_step):
+                _log_scalars(writer, step, out, stats, beta, lr, lam, grad_norm, skipped)
                 log.info("step %d nelbo %.4f recon %.4f kl %.4f beta %.4f lr %.2e", step, nelbo,
-                         out.recon.mean().item(), out.kl.sum(1).mean().item(), beta, lr)
-            if step % cfg.image_every == 0 or step == last_step:
+                         stats["recon"].item(), stats["kl"].item(), beta, lr)
+            if main and (step % cfg.image_every == 0 or step == last_step):
                 _write_images(model, fixed.to(device), run_dir, writer, step)
                 model.train()
-            if step % cfg.checkpoint_every == 0 or step == last_step:
+            if main and (step % cfg.checkpoint_every == 0 or step == last_step):
                 model.save(run_dir / "checkpoint.pt", train_config=cfg.to_dict(), step=step,
-                           optimizer=opt.state_dict())
+                           optimizer=opt.state_dict(), **extra)
     bar.close()
-    writer.close()
-    log.removeHandler(handler)
-    handler.close()
+    if main:
+        writer.close()
+        log.removeHandler(handler)
+        handler.close()
     return model.eval()
 
 
-def _log_scalars(writer, step, out, beta, lr, lam, grad_norm, skipped) -> None:
-    writer.add_scalar("train/nelbo", out.nelbo.mean().item(), step)
-    writer.add_scalar("train/recon", out.recon.mean().item(), step)
-    writer.add_scalar("train/kl", out.kl.sum(1).mean().item(), step)
+def _batch_means(out: Loss, dist_ctx: DistributedContext) -> dict:
+    """Per-image averages of the loss terms over the whole batch (all processes; equal shares)."""
+    parts = {"nelbo": out.nelbo.mean(), "recon": out.recon.mean(), "kl": out.kl.sum(1).mean(),
+             "kl_groups": out.kl.mean(0), "kl_channels": out.kl_per_channel.mean(0)}
+    if not dist_ctx.enabled:
+        return {k: v.detach() for k, v in parts.items()}
+    # One collective for all of them.
+    flat = dist_ctx.mean(torch.cat([v.detach().float().reshape(-1) for v in parts.values()]))
+    sizes = [v.numel() for v in parts.values()]
+    return {k: chunk.view(v.shape) for (k, v), chunk in zip(parts.items(), flat.split(sizes))}
+
+
+def _log_scalars(writer, step, out, stats, beta, lr, lam, grad_norm, skipped) -> None:
+    writer.add_scalar("train/nelbo", stats["nelbo"].item(), step)
+    writer.add_scalar("train/recon", stats["recon"].item(), step)
+    writer.add_scalar("train/kl", stats["kl"].item(), step)
     writer.add_scalar("train/kl_coeff", beta, step)
     writer.add_scalar("train/lr", lr, step)
     writer.add_scalar("train/lambda", lam, step)
@@ -228,8 +320,8 @@ def _log_scalars(writer, step, out, beta, lr, lam, grad_norm, skipped) -> None:
     writer.add_scalar("train/bn_loss", out.batchnorm.item(), step)
     writer.add_scalar("train/grad_norm", grad_norm.item(), step)
     writer.add_scalar("train/skipped_steps", skipped, step)
-    kl_groups = out.kl.mean(0)
-    active = (out.kl_per_channel.mean(0) > 0.1).sum(1)   # the official threshold, per latent channel
+    kl_groups = stats["kl_groups"]
+    active = (stats["kl_channels"] > 0.1).sum(1)   # the official threshold, per latent channel
     for i in range(kl_groups.shape[0]):
         writer.add_scalar(f"kl/group_{i}", kl_groups[i].item(), step)
         writer.add_scalar(f"active/group_{i}", active[i].item(), step)

@@ -1,0 +1,305 @@
+"""Data-parallel training over processes started by ``torchrun`` (NVAE.md section 3).
+
+The official recipe trains on several GPUs with synchronised BatchNorm: every BN
+layer normalises with the statistics of the *whole* batch across processes, so
+N processes with B images each compute the same thing as one process with N*B.
+``nn.SyncBatchNorm`` only runs on CUDA; :class:`SyncBatchNorm2d` does the same
+on any device and backend (gloo on CPU included) and stays one of our
+:class:`~nvae.layers.BatchNorm2d` layers, so BN regularisation, gradient
+checkpointing's ``update_stats`` switch and checkpoint keys are unaffected.
+
+Use::
+
+    ctx = init_distributed("cuda")       # reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+    net = wrap_model(model.to(ctx.device), ctx)
+    ...
+    ctx.close()
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+from torch.nn.parallel import DistributedDataParallel
+
+from .layers import BN_EPS, BN_MOMENTUM, BatchNorm2d
+
+log = logging.getLogger(__name__)
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+# ------------------------------------------------------------------ process group
+def torchrun_env(environ: Optional[Mapping[str, str]] = None) -> Optional[Tuple[int, int, int]]:
+    """``(rank, world_size, local_rank)`` when the process was started by torchrun, else None.
+
+    All three variables must be set; a partial set is ignored (with a warning),
+    since a stray ``RANK`` in a shell must not turn a run into a hanging one.
+    """
+    environ = os.environ if environ is None else environ
+    present = [k for k in TORCHRUN_VARS if k in environ]
+    if not present:
+        return None
+    if len(present) < len(TORCHRUN_VARS):
+        log.warning("ignoring partial torchrun environment (%s set, %s missing); running as one process",
+                    ", ".join(present), ", ".join(k for k in TORCHRUN_VARS if k not in environ))
+        return None
+    try:
+        rank, world, local = (int(environ[k]) for k in TORCHRUN_VARS)
+    except ValueError:
+        values = ", ".join(f"{k}={environ[k]!r}" for k in TORCHRUN_VARS)
+        raise ValueError(f"torchrun variables must be integers, got {values}") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"inconsistent torchrun variables RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
+    return rank, world, local
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands in a data-parallel run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: Whether :func:`init_distributed` created the process group (and :meth:`close` destroys it).
+    owns_process_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """True when there is more than one process to synchronise with."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and shows progress."""
+        return self.rank == 0
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The average of ``tensor`` over the processes (detached); the tensor itself for one process."""
+        tensor = tensor.detach()
+        if not self.enabled:
+            return tensor
+        total = tensor.to(self.device, copy=True)
+        dist.all_reduce(total)
+        return total / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on at least one of them."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def close(self) -> None:
+        """Tear down the process group if :func:`init_distributed` created it."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed(device: Union[str, torch.device] = "cpu", backend: Optional[str] = None,
+                     environ: Optional[Mapping[str, str]] = None) -> DistributedContext:
+    """Join the torchrun job this process belongs to, if any.
+
+    Without torchrun's variables (or with ``WORLD_SIZE=1``) nothing happens and
+    the context describes a single process on ``device``. Otherwise the default
+    process group is initialised from the environment (``MASTER_ADDR`` /
+    ``MASTER_PORT``, set by torchrun's rendezvous, multi-node included), with
+    ``backend`` ``nccl`` for CUDA and ``gloo`` for CPU unless given; a CUDA
+    process uses ``cuda:LOCAL_RANK``. A process group that already exists (set
+    up by the caller) is used as it is and left for the caller to destroy.
+    """
+    device = torch.device(device)
+    environ = os.environ if environ is None else environ
+    env = torchrun_env(environ)
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = env[2] if env is not None else rank
+        return DistributedContext(rank, local, world, _local_device(device, local, world), False)
+    if env is None or env[1] == 1:
+        return DistributedContext(device=device)
+    rank, world, local = env
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch build has no torch.distributed; it cannot run under torchrun")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"distributed training runs on cpu (gloo) or cuda (nccl), not {device.type!r}")
+    device = _local_device(device, local, world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), init_method="env://",
+                            rank=rank, world_size=world)
+    return DistributedContext(rank, local, world, device, True)
+
+
+def _local_device(device: torch.device, local_rank: int, world: int) -> torch.device:
+    if device.type != "cuda" or world == 1:
+        return device
+    if device.index is not None and device.index != local_rank:
+        log.warning("under torchrun each process uses cuda:LOCAL_RANK; ignoring %s, using cuda:%d",
+                    device, local_rank)
+    return torch.device("cuda", local_rank)
+
+
+# ------------------------------------------------------------ synchronised BN
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes, differentiable: the gradient of a sum is the sum of the gradients.
+
+    (``torch.distributed.nn.functional.all_reduce`` does the same but is
+    deprecated in recent PyTorch and warns on every call.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        # Each process's loss depends on the global sums, so the gradient reaching
+        # one process's local sums is the sum of every process's gradient.
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Differentiable sum of ``tensor`` over the processes of ``group`` (default: all)."""
+    return _AllReduceSum.apply(tensor, group)
+
+
+class SyncBatchNorm2d(BatchNorm2d):
+    """BatchNorm whose training statistics are those of the batch of *all* processes.
+
+    A training-mode forward all-reduces the per-channel sum, sum of squares and
+    count (one collective per layer, accumulated in fp64), normalises with the global mean and biased
+    variance, and moves the running averages towards the global mean and
+    *unbiased* variance (``N / (N - 1)``, N the global count), as BN on the
+    concatenated batch would. Gradients flow through the global statistics, so
+    N processes compute the gradients of one process with all the images.
+    ``update_stats = False`` normalises the same way and leaves the running
+    averages alone. In eval mode, or without a process group of more than one
+    process, it is plain :class:`~nvae.layers.BatchNorm2d`.
+
+    Every process of ``process_group`` (default: all) must run the same BN
+    layers in the same order in training mode, as with ``nn.SyncBatchNorm``.
+    """
+
+    def __init__(self, num_features: int, eps: float = BN_EPS, momentum: Optional[float] = BN_MOMENTUM,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _group_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self._group_size() == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        c = self.num_features
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        # Sums accumulated in fp64: the variance E[x^2] - mean^2 cancels digits when
+        # |mean| >> std, and fp32 sums would lose them (autograd keeps nothing extra).
+        acc = torch.float64
+        local = torch.cat([xs.sum(dim=(0, 2, 3), dtype=acc), xs.square().sum(dim=(0, 2, 3), dtype=acc),
+                           torch.full((1,), float(xs.numel() // c), dtype=acc, device=xs.device)])
+        total = all_reduce_sum(local, self.process_group)
+        count = total[2 * c:]
+        mean = total[:c] / count
+        var = (total[c:2 * c] / count - mean.square()).clamp_min(0.0)
+        if self.track_running_stats and self.update_stats:
+            self._update_running_stats(mean.detach(), var.detach(), count.detach())
+        # Folded into one scale and shift per channel, so autograd keeps only x
+        # (and per-channel vectors) alive, as the native kernel does.
+        mean, var = mean.to(xs.dtype), var.to(xs.dtype)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        out = torch.addcmul(shift.view(1, c, 1, 1), xs, scale.view(1, c, 1, 1))
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        # With more than one process every one contributes at least one value, so N >= 2.
+        unbiased = var * (count / (count - 1).clamp_min(1.0))
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by a :class:`SyncBatchNorm2d`, in place.
+
+    The new layers take over the old ones' parameters and buffers (the same
+    tensors, so an optimiser built before the conversion still works and the
+    state dict is unchanged), their mode and ``update_stats`` setting. Returns
+    ``module``, or the replacement if ``module`` itself is a BN layer.
+    """
+    replaced: Dict[nn.Module, nn.Module] = {}
+    return _swap_batchnorm(module, process_group, replaced)
+
+
+def _swap_batchnorm(module: nn.Module, process_group, replaced: Dict[nn.Module, nn.Module]) -> nn.Module:
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm2d):
+        new = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, process_group)
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        if module.track_running_stats:
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+        if "update_stats" in vars(module):
+            new.update_stats = module.update_stats
+        new.train(module.training)
+        replaced[module] = new
+        return new
+    for name, child in module.named_children():
+        new_child = _swap_batchnorm(child, process_group, replaced)
+        if new_child is not child:
+            module.add_module(name, new_child)
+    return module
+
+
+# ----------------------------------------------------------------------- DDP
+class DistributedNVAE(DistributedDataParallel):
+    """DDP around an :class:`~nvae.model.NVAE` that :func:`~nvae.objective.nvae_loss` accepts.
+
+    Calling it runs the forward through DDP (gradients are averaged over the
+    processes in backward); the regularisers are computed on the wrapped model,
+    from weights and power-iteration vectors that are identical on every process.
+    """
+
+    def spectral_loss(self) -> torch.Tensor:
+        return self.module.spectral_loss()
+
+    def batchnorm_loss(self) -> torch.Tensor:
+        return self.module.batchnorm_loss()
+
+
+def wrap_model(model: nn.Module, ctx: DistributedContext) -> nn.Module:
+    """Synchronise ``model``'s BN and wrap it in :class:`DistributedNVAE`; ``model`` itself for one process.
+
+    ``model`` must already be on ``ctx.device``. DDP broadcasts rank 0's weights
+    and buffers at construction, so every process starts from the same model.
+    """
+    if not ctx.enabled:
+        return model
+    convert_sync_batchnorm(model)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedNVAE(model, device_ids=device_ids)
