@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="data set name (default: the one the run was trained on)")
     p.add_argument("--data", default=None, help="folder holding the data set's files")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-batch", type=int, default=1024, help="images per forward pass (K is folded in)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="images per forward pass, K folded in (default: 64 on CPU, 1024 on GPU)")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")

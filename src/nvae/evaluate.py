@@ -32,7 +32,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: NVAE, data: Dataset, num_samples: int = 1000, batch_size: int = 16, max_batch: int = 1024,
+def evaluate(model: NVAE, data: Dataset, num_samples: int = 1000, batch_size: int = 16, max_batch: Optional[int] = None,
              max_images: Optional[int] = None, device: str | torch.device = "cpu",
              generator: Optional[torch.Generator] = None, progress: bool = True) -> EvalResult:
     """Importance-weighted NLL with K = ``num_samples`` and the NELBO over ``data`` (in eval mode).

@@ -327,15 +327,19 @@ class NVAE(nn.Module):
             self.train(was_training)
 
     @torch.no_grad()
-    def importance_sample(self, x: torch.Tensor, num_samples: int, max_batch: int = 1024,
+    def importance_sample(self, x: torch.Tensor, num_samples: int, max_batch: Optional[int] = None,
                           generator: Optional[torch.Generator] = None):
         """Draw K posterior samples per image; returns ``(log_w, nelbo)``, each (K, B).
 
         ``log_w = log p(x|z_k) + log p(z_k) - log q(z_k|x)`` and ``nelbo = recon + KL``
         (KL as in training: analytic without flows). The K samples are folded into
         the batch in chunks of at most ``max_batch`` images per forward pass; BN
-        runs in eval mode, so folding does not change any number.
+        runs in eval mode, so folding does not change any number. The default is
+        64 images on CPU (larger passes are memory-bound there and get slower)
+        and 1024 on GPU.
         """
+        if max_batch is None:
+            max_batch = 1024 if x.device.type == "cuda" else 64
         b = x.shape[0]
         per_chunk = max(1, max_batch // b)
         log_w, nelbo = [], []
@@ -347,13 +351,13 @@ class NVAE(nn.Module):
                 nelbo.append((out.recon + out.kl.sum(1)).view(k, b))
         return torch.cat(log_w, dim=0), torch.cat(nelbo, dim=0)
 
-    def log_importance_weights(self, x: torch.Tensor, num_samples: int, max_batch: int = 1024,
+    def log_importance_weights(self, x: torch.Tensor, num_samples: int, max_batch: Optional[int] = None,
                                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """(K, B) log weights ``log p(x|z_k) + log p(z_k) - log q(z_k|x)``, z_k ~ q(z|x)."""
         return self.importance_sample(x, num_samples, max_batch, generator)[0]
 
     @torch.no_grad()
-    def log_likelihood(self, x: torch.Tensor, num_samples: int = 1000, max_batch: int = 1024,
+    def log_likelihood(self, x: torch.Tensor, num_samples: int = 1000, max_batch: Optional[int] = None,
                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Importance-weighted estimate of log p(x) in nats, (B,).
 
