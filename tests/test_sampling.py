@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from nvae import NVAE, NVAEConfig
@@ -77,3 +76,38 @@ def test_eval_command_on_an_official_checkpoint(tmp_path):
     result = json.loads(out.read_text())
     assert result["dataset"] == "mnist" and result["num_images"] == 8 and result["data_dims"] == 784
     assert 20 < result["nll"] < 400 and result["nll"] <= result["nelbo"] + 5
+
+
+def test_kl_statistics_match_the_forward_pass(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from nvae.evaluate import kl_statistics, plot_kl_stats
+    model = tiny_model().eval()
+    x = (torch.rand(6, 1, 32, 32) > 0.5).float()
+    stats = kl_statistics(model, TensorDataset(x), batch_size=4, generator=torch.Generator().manual_seed(1),
+                          progress=False)
+    # the same draws, by hand: binarisation then the forward pass, in the same batches
+    gen = torch.Generator().manual_seed(1)
+    per_channel = []
+    for part in (x[:4], x[4:]):
+        xb = torch.bernoulli(part, generator=gen)
+        per_channel.append(model(xb, generator=gen).kl_per_channel.double())
+    mean = torch.cat(per_channel).mean(0)
+    assert stats.num_images == 6 and stats.units_per_group == 20
+    assert torch.allclose(torch.tensor(stats.kl_per_group, dtype=torch.float64), mean.sum(1))
+    assert stats.active_units == (mean > 0.1).sum(1).tolist()
+    plot_kl_stats(stats, tmp_path / "kl.png")
+    assert (tmp_path / "kl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reconstruct_and_kl_stats_commands(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--max-steps", "2", "--batch-size", "16",
+                 "--model", "num_channels_enc=4", "--model", "num_channels_dec=4"]) == 0
+    assert main(["reconstruct", str(run), "-n", "4"]) == 0
+    assert (run / "reconstructions_test_t0.png").is_file()
+    assert main(["kl-stats", str(run), "--max-images", "20"]) == 0
+    result = json.loads((run / "kl_stats_test.json").read_text())
+    assert result["dataset"] == "digits" and result["num_images"] == 20
+    assert len(result["kl_per_group"]) == len(result["active_units"]) == 6
+    assert (run / "kl_stats_test.png").is_file()

@@ -188,6 +188,65 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_data(args, ckpt):
+    from .data import build_dataset
+    dataset = args.dataset or _dataset_of(ckpt)
+    return dataset, build_dataset(dataset, args.split, args.data)
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from torchvision.utils import save_image
+
+    from .data import prepare_batch
+    model, ckpt = load_any(args.checkpoint, args.device)
+    _, data = _eval_data(args, ckpt)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))])
+    x = prepare_batch(x, model.config.decoder, model.config.num_x_bits, gen).to(args.device)
+    with torch.no_grad():
+        dist = model.output_distribution(model(x, temperature=args.temperature, generator=gen).logits)
+        recon = dist.mean() if args.temperature == 0 or model.config.decoder == "bernoulli" else dist.sample(1.0, gen)
+    pairs = torch.stack([x, recon], dim=1).flatten(0, 1).float().cpu()
+    out = Path(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{args.temperature:g}.png"))
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_image(pairs, tmp, nrow=2 * max(1, int((len(x) // 2) ** 0.5)), format="png")
+    tmp.replace(out)
+    print(f"wrote {out} (each input beside its reconstruction)")
+    return 0
+
+
+def _cmd_kl_stats(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .evaluate import kl_statistics, plot_kl_stats
+    model, ckpt = load_any(args.checkpoint, args.device)
+    dataset, data = _eval_data(args, ckpt)
+    stats = kl_statistics(model, data, batch_size=args.batch_size, max_images=args.max_images, device=args.device,
+                          generator=torch.Generator().manual_seed(args.seed))
+    stem = Path(args.output or ckpt.with_name(f"kl_stats_{args.split}"))
+    _write_json({"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, **stats.to_dict()},
+                stem.with_suffix(".json"))
+    plot_kl_stats(stats, stem.with_suffix(".png"))
+    for i, (kl, active) in enumerate(zip(stats.kl_per_group, stats.active_units)):
+        print(f"group {i:3d}  KL {kl:9.3f} nats  active {active}/{stats.units_per_group}")
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    return 0
+
+
+def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--dataset", default=None, help="data set name (default: the one the run was trained on)")
+    p.add_argument("--data", default=None, help="folder holding the data set's files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nvae", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -242,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("reconstruct", help="inputs beside their reconstructions (PNG)")
+    _add_eval_data_args(p)
+    p.add_argument("-n", type=int, default=32, help="number of inputs")
+    p.add_argument("--temperature", "-t", type=float, default=0.0,
+                   help="posterior temperature: 0 = posterior means, 1 = posterior samples")
+    p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
+    p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("kl-stats", help="average KL and active units per latent group (JSON and bar plot)")
+    _add_eval_data_args(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--output", default=None, help="path stem for .json and .png (default: beside the checkpoint)")
+    p.set_defaults(func=_cmd_kl_stats)
     return parser
 
 
