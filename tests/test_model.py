@@ -44,6 +44,13 @@ def rgb_batch(b=3, size=8, bits=8):
     return torch.randint(0, top + 1, (b, 3, size, size)).float() / top
 
 
+def assert_outputs_equal(a, b):
+    """Every field of two NVAEOutputs is identical (the latents field holds one tensor per group)."""
+    for ta, tb in zip(a, b):
+        pairs = zip(ta, tb) if isinstance(ta, tuple) else [(ta, tb)]
+        assert all(torch.equal(u, v) for u, v in pairs)
+
+
 def batch_for(cfg, b=3):
     return binary_batch(b, cfg.image_size) if cfg.in_channels == 1 else rgb_batch(b, cfg.image_size, cfg.num_x_bits)
 
@@ -74,8 +81,9 @@ def test_forward_output_shapes(kw):
     assert torch.allclose(out.kl_per_channel.sum(2), out.kl)
     assert torch.allclose(out.elbo, -out.recon - out.kl.sum(1))
     assert model.latent_shapes == [(20, 2, 2)] * 2 + [(20, 4, 4)] * 2
-    for t in out:
+    for t in out[:-1]:
         assert torch.isfinite(t).all()
+    assert [tuple(z.shape) for z in out.latents] == [(b,) + shape for shape in model.latent_shapes]
 
 
 def test_recon_is_the_cropped_likelihood_of_the_logits():
@@ -105,8 +113,7 @@ def test_temperature_zero_is_deterministic(kw):
     with torch.no_grad():
         a, b = model(x, temperature=0.0), model(x, temperature=0.0)
         c = model(x)
-    for ta, tb in zip(a, b):
-        assert torch.equal(ta, tb)
+    assert_outputs_equal(a, b)
     assert not torch.allclose(a.logits, c.logits)
 
 
@@ -119,8 +126,7 @@ def test_generator_makes_the_pass_reproducible():
         torch.manual_seed(999)           # the global RNG plays no part
         b = model(x, generator=torch.Generator().manual_seed(7))
         c = model(x, generator=torch.Generator().manual_seed(8))
-    for ta, tb in zip(a, b):
-        assert torch.equal(ta, tb)
+    assert_outputs_equal(a, b)
     assert not torch.allclose(a.log_q, c.log_q)
 
 
@@ -341,8 +347,7 @@ def test_every_arch_instance_trains_and_round_trips(arch, tmp_path):
     with torch.no_grad():
         a, b = model(x, temperature=0.0), loaded(x, temperature=0.0)
         sa, sb = model.sample_logits(2, 0.0), loaded.sample_logits(2, 0.0)
-    for ta, tb in zip(a, b):
-        assert torch.equal(ta, tb)
+    assert_outputs_equal(a, b)
     assert torch.equal(sa, sb)
 
 
@@ -368,3 +373,16 @@ def test_res_elu_data_init_is_recorded_in_the_checkpoint(tmp_path):
     assert torch.equal(a.logits, b.logits) and torch.equal(a.kl, b.kl)
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_decoding_the_posterior_latents_reproduces_the_logits():
+    cfg = tiny_config()
+    model = NVAE(cfg).eval()
+    x = batch_for(cfg)
+    with torch.no_grad():
+        out = model(x, generator=torch.Generator().manual_seed(0))
+    assert len(out.latents) == model.num_groups
+    assert [tuple(z.shape[1:]) for z in out.latents] == model.latent_shapes
+    assert torch.allclose(model.decode_logits(out.latents), out.logits, atol=1e-6)
+    with pytest.raises(ValueError):
+        model.decode_logits(out.latents[:-1])

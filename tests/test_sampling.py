@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from nvae import NVAE, NVAEConfig
@@ -111,3 +112,31 @@ def test_reconstruct_and_kl_stats_commands(tmp_path):
     assert result["dataset"] == "digits" and result["num_images"] == 20
     assert len(result["kl_per_group"]) == len(result["active_units"]) == 6
     assert (run / "kl_stats_test.png").is_file()
+
+
+def test_interpolation_ends_at_both_inputs_and_moves_only_chosen_groups():
+    from nvae.sampling import interpolate_latents
+    model = tiny_model().eval()
+    x = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    with torch.no_grad():
+        z = model(x, temperature=0.0).latents
+    za, zb = [t[:1] for t in z], [t[1:] for t in z]
+    path = interpolate_latents(za, zb, torch.linspace(0, 1, 3))
+    assert all(torch.equal(p[0], a[0]) and torch.allclose(p[-1], b[0]) for p, a, b in zip(path, za, zb))
+    assert all(torch.allclose(p[1], (a[0] + b[0]) / 2) for p, a, b in zip(path, za, zb))
+    logits = model.decode_logits(path)
+    with torch.no_grad():
+        assert torch.allclose(logits[0], model.decode_logits(za)[0], atol=1e-5)
+    only_first = interpolate_latents(za, zb, [1.0], groups=[0])
+    assert torch.allclose(only_first[0][0], zb[0][0]) and torch.equal(only_first[1][0], za[1][0])
+    with pytest.raises(ValueError, match="do not exist"):
+        interpolate_latents(za, zb, [0.5], groups=[99])
+
+
+def test_interpolate_command(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--max-steps", "1", "--batch-size", "16",
+                 "--model", "num_channels_enc=4", "--model", "num_channels_dec=4"]) == 0
+    assert main(["interpolate", str(run), "--a", "0", "--b", "5", "--steps", "4", "--groups", "0,1"]) == 0
+    assert (run / "interpolation_0_5.png").is_file()
+    assert main(["interpolate", str(run), "--a", "100000"]) == 2

@@ -238,6 +238,37 @@ def _cmd_kl_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_interpolate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from torchvision.utils import save_image
+
+    from .data import prepare_batch
+    from .sampling import interpolate_latents
+    model, ckpt = load_any(args.checkpoint, args.device)
+    _, data = _eval_data(args, ckpt)
+    for i in (args.a, args.b):
+        if not 0 <= i < len(data):
+            raise ValueError(f"image index {i} is outside the {args.split} split (0..{len(data) - 1})")
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.stack([data[args.a][0], data[args.b][0]])
+    x = prepare_batch(x, model.config.decoder, model.config.num_x_bits, gen).to(args.device)
+    groups = [int(g) for g in args.groups.split(",")] if args.groups else None
+    with torch.no_grad():
+        latents = model(x, temperature=0.0).latents           # posterior means
+        za, zb = [z[:1] for z in latents], [z[1:] for z in latents]
+        path = interpolate_latents(za, zb, torch.linspace(0, 1, args.steps), groups)
+        images = model.output_distribution(model.decode_logits(path)).mean()
+    row = torch.cat([x[:1], images, x[1:]]).float().cpu()
+    out = Path(args.output or ckpt.with_name(f"interpolation_{args.a}_{args.b}.png"))
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_image(row, tmp, nrow=len(row), format="png")
+    tmp.replace(out)
+    print(f"wrote {out}: input {args.a}, {args.steps} decoded steps, input {args.b}")
+    return 0
+
+
 def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
     p.add_argument("--split", default="test", choices=["train", "test"])
@@ -316,6 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--output", default=None, help="path stem for .json and .png (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_kl_stats)
+
+    p = sub.add_parser("interpolate", help="decode the line between two inputs' latents (PNG row)")
+    _add_eval_data_args(p)
+    p.add_argument("--a", type=int, default=0, help="index of the first image in the split")
+    p.add_argument("--b", type=int, default=1, help="index of the second image")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--groups", default=None, help="comma-separated latent groups to interpolate (default: all)")
+    p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
+    p.set_defaults(func=_cmd_interpolate)
     return parser
 
 

@@ -29,6 +29,7 @@ class NVAEOutput(NamedTuple):
     log_q: torch.Tensor         #: log q(z|x) summed over groups, (B,)
     log_p: torch.Tensor         #: log p(z) summed over groups, (B,)
     kl_per_channel: torch.Tensor  #: KL per group and latent channel, summed over space, (B, L, num_latent_per_group)
+    latents: tuple = ()         #: the z fed to the decoder, one (B, C, H, W) per group (after any flows)
 
     @property
     def elbo(self) -> torch.Tensor:
@@ -227,7 +228,7 @@ class NVAE(nn.Module):
         enc_states.reverse()
         enc_combiners.reverse()
 
-        log_qs, log_ps, kls = [], [], []
+        log_qs, log_ps, kls, latents = [], [], [], []
 
         def visit(q: Normal, p: Normal, group: int) -> torch.Tensor:
             z = q.sample(generator, temperature)
@@ -244,6 +245,7 @@ class NVAE(nn.Module):
             log_qs.append(log_q.flatten(1).sum(1))
             log_ps.append(log_p.flatten(1).sum(1))
             kls.append(kl.sum(dim=(2, 3)))
+            latents.append(z)
             return z
 
         mu_q, log_sigma_q = self.posterior_heads[0](self.encoder0(s)).chunk(2, dim=1)
@@ -273,7 +275,7 @@ class NVAE(nn.Module):
         recon = -sum_log_prob(self.output_distribution(logits).log_prob(x), self.config.crop_output)
         kl_channels = torch.stack(kls, dim=1)
         return NVAEOutput(logits=logits, recon=recon, kl=kl_channels.sum(2), log_q=sum(log_qs),
-                          log_p=sum(log_ps), kl_per_channel=kl_channels)
+                          log_p=sum(log_ps), kl_per_channel=kl_channels, latents=tuple(latents))
 
     # --------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -285,17 +287,30 @@ class NVAE(nn.Module):
         prior sigma; 0 takes every z at its prior mean.
         """
         temps = _per_group(temperature, self.num_groups)
-        shape = (n,) + self.latent_shapes[0]
-        zeros = self.h0.new_zeros(shape)
-        z = Normal(zeros, zeros, temps[0]).sample(generator)
+
+        def prior_sample(group: int, s: torch.Tensor) -> torch.Tensor:
+            if group == 0:
+                zeros = self.h0.new_zeros((n,) + self.latent_shapes[0])
+                return Normal(zeros, zeros, temps[0]).sample(generator)
+            mu_p, log_sigma_p = self.prior_heads[group - 1](s).chunk(2, dim=1)
+            return Normal(mu_p, log_sigma_p, temps[group]).sample(generator)
+
+        return self._top_down(n, prior_sample)
+
+    @torch.no_grad()
+    def decode_logits(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Parameters of p(x|z) for given latents, one tensor per group (e.g. ``NVAEOutput.latents``)."""
+        if len(latents) != self.num_groups:
+            raise ValueError(f"got {len(latents)} latent groups for a model with {self.num_groups}")
+        return self._top_down(latents[0].shape[0], lambda group, s: latents[group])
+
+    def _top_down(self, n: int, latent_for_group) -> torch.Tensor:
+        """Run the decoder from h0; ``latent_for_group(group, state)`` supplies each z."""
         s = self.h0.unsqueeze(0).expand(n, -1, -1, -1)
         group = 0
         for cell in self.decoder_tower:
             if isinstance(cell, DecCombiner):
-                if group > 0:
-                    mu_p, log_sigma_p = self.prior_heads[group - 1](s).chunk(2, dim=1)
-                    z = Normal(mu_p, log_sigma_p, temps[group]).sample(generator)
-                s = cell(s, z)
+                s = cell(s, latent_for_group(group, s))
                 group += 1
             else:
                 s = cell(s)

@@ -68,3 +68,18 @@ def readjust_bn_cached(model: NVAE, checkpoint: Union[str, Path], temperature: T
         state[f"{name}.running_var"] = m.running_var.clone()
     atomic_torch_save(state, path)
     return False
+
+
+def interpolate_latents(za, zb, alphas, groups=None):
+    """Latents on the line from ``za`` to ``zb`` (one tensor per group, batch 1 each).
+
+    Only the groups listed in ``groups`` move (all when None); the others keep ``za``'s
+    values. Returns one latent list per alpha, batched: group g is (len(alphas), C, H, W).
+    """
+    moving = set(range(len(za))) if groups is None else set(groups)
+    bad = sorted(g for g in moving if not 0 <= g < len(za))
+    if bad:
+        raise ValueError(f"latent groups {bad} do not exist; the model has groups 0..{len(za) - 1}")
+    a = torch.as_tensor(alphas, dtype=za[0].dtype, device=za[0].device).view(-1, 1, 1, 1)
+    return [((1 - a) * u + a * v) if g in moving else u.expand(len(a), -1, -1, -1)
+            for g, (u, v) in enumerate(zip(za, zb))]
