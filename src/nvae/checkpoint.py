@@ -1,6 +1,7 @@
 """Our checkpoint format: plain data + tensors, written atomically, read with ``weights_only=True``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,10 +33,10 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with _suppress():   # make the rename itself durable
+    with contextlib.suppress(OSError):   # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -43,12 +44,13 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
             os.close(dir_fd)
 
 
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
+def save_png(images: torch.Tensor, path: Union[str, Path], nrow: int, padding: int = 2) -> None:
+    """A PNG grid of images in [0, 1], written to a temporary file and renamed into place."""
+    from torchvision.utils import save_image
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_image(images.float().clamp(0, 1).cpu(), tmp, nrow=max(1, nrow), padding=padding, format="png")
+    os.replace(tmp, path)
 
 
 def safe_load(path: Union[str, Path], map_location="cpu", allowed_globals=()) -> Any:

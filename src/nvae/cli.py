@@ -163,8 +163,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     import numpy as np
     import torch
-    from torchvision.utils import save_image
 
+    from .checkpoint import save_png
     from .sampling import readjust_bn_cached
     model, ckpt = load_any(args.checkpoint, args.device)
     per_group = _parse_temperatures(args.per_group_temperature) if args.per_group_temperature else None
@@ -180,8 +180,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         images = model.sample(args.n, t, gen).float()
         name = "samples_t" + ("-".join(f"{v:g}" for v in t) if isinstance(t, list) else f"{t:g}")
         png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
-        save_image(images, out_dir / f".{png.name}.tmp", nrow=max(1, int(args.n ** 0.5)), format="png")
-        (out_dir / f".{png.name}.tmp").replace(png)
+        save_png(images, png, nrow=int(args.n ** 0.5))
         np.savez_compressed(out_dir / f".{name}.tmp.npz", images=images.numpy())
         (out_dir / f".{name}.tmp.npz").replace(npz)
         print(f"wrote {png} and {npz}")
@@ -198,8 +197,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from torchvision.utils import save_image
 
+    from .checkpoint import save_png
     from .data import prepare_batch
     model, ckpt = load_any(args.checkpoint, args.device)
     _, data = _eval_data(args, ckpt)
@@ -211,9 +210,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         recon = dist.mean() if args.temperature == 0 or model.config.decoder == "bernoulli" else dist.sample(1.0, gen)
     pairs = torch.stack([x, recon], dim=1).flatten(0, 1).float().cpu()
     out = Path(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{args.temperature:g}.png"))
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_image(pairs, tmp, nrow=2 * max(1, int((len(x) // 2) ** 0.5)), format="png")
-    tmp.replace(out)
+    save_png(pairs, out, nrow=2 * max(1, int((len(x) // 2) ** 0.5)))
     print(f"wrote {out} (each input beside its reconstruction)")
     return 0
 
@@ -242,8 +239,8 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from torchvision.utils import save_image
 
+    from .checkpoint import save_png
     from .data import prepare_batch
     from .sampling import interpolate_latents
     model, ckpt = load_any(args.checkpoint, args.device)
@@ -262,9 +259,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
         images = model.output_distribution(model.decode_logits(path)).mean()
     row = torch.cat([x[:1], images, x[1:]]).float().cpu()
     out = Path(args.output or ckpt.with_name(f"interpolation_{args.a}_{args.b}.png"))
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_image(row, tmp, nrow=len(row), format="png")
-    tmp.replace(out)
+    save_png(row, out, nrow=len(row))
     print(f"wrote {out}: input {args.a}, {args.steps} decoded steps, input {args.b}")
     return 0
 

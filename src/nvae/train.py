@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .checkpoint import save_png
 from .config import NVAEConfig
 from .data import build_dataset, prepare_batch
 from .distributed import DistributedContext, init_distributed, wrap_model
@@ -120,13 +121,10 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def _save_grid(images: torch.Tensor, path: Path, min_side: int = 128) -> None:
     """A PNG grid, scaled up (nearest) so small images stay visible; written atomically."""
-    from torchvision.utils import save_image
     scale = max(1, min_side // (images.shape[-1] * 8))
     if scale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_image(images.float().clamp(0, 1), tmp, nrow=int(math.sqrt(images.shape[0])), padding=1, format="png")
-    tmp.replace(path)
+    save_png(images, path, nrow=int(math.sqrt(images.shape[0])), padding=1)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
