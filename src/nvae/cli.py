@@ -45,33 +45,57 @@ def _parse_overrides(items: List[str], cls) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
     import time
     from pathlib import Path
 
     from . import NVAEConfig
-    from .train import TRAIN_PRESETS, TrainConfig, train
+    from .train import TRAIN_PRESETS, TrainConfig, TrainingInterrupted, stored_run_configs, train
 
-    model_cfg = NVAEConfig.preset(args.preset, **_parse_overrides(args.model, NVAEConfig))
-    base = TrainConfig.preset(args.preset) if args.preset in TRAIN_PRESETS else TrainConfig()
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.resume:
+        if isinstance(args.resume, str):
+            if run_dir is not None and run_dir.resolve() != Path(args.resume).resolve():
+                raise ValueError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs; give one")
+            run_dir = Path(args.resume)
+        if run_dir is None:
+            raise ValueError("--resume needs the run to continue: nvae train --resume RUN_DIR")
     explicit = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                         max_steps=args.max_steps, seed=args.seed, precision=args.precision).items()
+                                         max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
+                                         precision=args.precision, checkpoint_every=args.checkpoint_every).items()
                 if v is not None}
-    if args.channels_last:
-        explicit["channels_last"] = True
-    if args.checkpointing:
-        explicit["checkpointing"] = True
-    train_cfg = TrainConfig.from_dict({**base.to_dict(), **explicit, **_parse_overrides(args.train, TrainConfig)})
-    run_dir = Path(args.run_dir or Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / "checkpoint.pt").exists():
-        raise ValueError(f"{run_dir} already holds a run (checkpoint.pt); choose another --run-dir")
+    for flag in ("channels_last", "checkpointing", "deterministic", "strict_data"):
+        if getattr(args, flag):
+            explicit[flag] = True
+    model_over = _parse_overrides(args.model, NVAEConfig)
+    train_over = {**explicit, **_parse_overrides(args.train, TrainConfig)}
+    if args.resume and args.preset is None:
+        # Continue under the stored configs; train() refuses overrides that would change the run.
+        stored_model, stored_train, _ = stored_run_configs(run_dir)
+        model_cfg = dataclasses.replace(NVAEConfig.from_dict(stored_model), **model_over)
+        train_cfg = TrainConfig.from_dict({**stored_train, **train_over})
+        name = "run"
+    else:
+        name = args.preset or "digits"
+        model_cfg = NVAEConfig.preset(name, **model_over)
+        base = TrainConfig.preset(name) if name in TRAIN_PRESETS else TrainConfig()
+        train_cfg = TrainConfig.from_dict({**base.to_dict(), **train_over})
+    run_dir = run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.tune_allocator:
         from .runtime import tune_cpu_allocator
         tune_cpu_allocator()
-    import os
     main_process = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 talks
     if main_process:
-        print(f"training {args.preset} on {train_cfg.dataset} -> {run_dir}")
-    train(model_cfg, train_cfg, run_dir, data_root=args.data, device=args.device)
+        verb = "resuming" if args.resume else "training"
+        print(f"{verb} {name} on {train_cfg.dataset} -> {run_dir}")
+    try:
+        train(model_cfg, train_cfg, run_dir, data_root=args.data, device=args.device, resume=bool(args.resume))
+    except TrainingInterrupted as e:
+        if main_process:
+            print(f"nvae: stopped by {e.signal_name} at step {e.step}; checkpoint written to {e.checkpoint}. "
+                  f"Continue with: nvae train --resume {run_dir}", file=sys.stderr)
+        return 128 + {"SIGTERM": 15, "SIGINT": 2}.get(e.signal_name, 2)
     if main_process:
         print(f"done: {run_dir / 'checkpoint.pt'}, samples in {run_dir / 'samples.png'}, "
               f"TensorBoard: tensorboard --logdir {run_dir}")
@@ -166,9 +190,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from .checkpoint import save_png
     from .sampling import readjust_bn_cached
+    given = [f"--{n.replace('_', '-')}" for n in ("temperature", "temperatures", "per_group_temperature")
+             if getattr(args, n) is not None]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} contradict each other; give one of them")
+    if args.n < 1:
+        raise ValueError(f"-n must be at least 1, got {args.n}")
     model, ckpt = load_any(args.checkpoint, args.device)
     per_group = _parse_temperatures(args.per_group_temperature) if args.per_group_temperature else None
-    temps = [per_group] if per_group else _parse_temperatures(args.temperatures or str(args.temperature))
+    temps = [per_group] if per_group else _parse_temperatures(args.temperatures or str(args.temperature or 1.0))
     out_dir = Path(args.out or ckpt.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(args.seed)
@@ -282,10 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser("train", help="train a model (default: the digits preset, no download needed)")
-    p.add_argument("--preset", default="digits", help="architecture and recipe preset (see `nvae presets`)")
+    p.add_argument("--preset", default=None,
+                   help="architecture and recipe preset (see `nvae presets`; default digits, or the resumed run's)")
     p.add_argument("--data", default=None, help="folder holding the data set's files (not needed for digits)")
     p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/PRESET-TIMESTAMP)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
+                   help="continue the run in RUN (or --run-dir) from its last checkpoint, exactly")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="write checkpoint.pt every N steps")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
+    p.add_argument("--strict-data", action="store_true",
+                   help="stop on an unreadable image or a wrong channel count (default: skip or convert, and warn)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
@@ -318,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from the prior (PNG grid and .npz)")
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
     p.add_argument("-n", type=int, default=64, help="number of samples")
-    p.add_argument("--temperature", "-t", type=float, default=1.0)
+    p.add_argument("--temperature", "-t", type=float, default=None, help="prior temperature (default 1.0)")
     p.add_argument("--temperatures", default=None, help="comma-separated list, one grid each")
     p.add_argument("--per-group-temperature", default=None, help="comma-separated, one per latent group")
     p.add_argument("--readjust-bn", action="store_true", help="re-estimate decoder BN statistics at t (cached)")
@@ -362,11 +400,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("nvae: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         if args.debug:
             raise
         print(f"nvae: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .train import TrainingDiverged
+        if args.debug or not isinstance(e, TrainingDiverged):
+            raise
+        print(f"nvae: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

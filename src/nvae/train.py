@@ -25,14 +25,16 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from .checkpoint import save_png
+from .checkpoint import CheckpointError, read_checkpoint, save_png
 from .config import NVAEConfig
 from .data import build_dataset, prepare_batch
 from .distributed import DistributedContext, init_distributed, wrap_model
 from .model import NVAE
 from .objective import Loss, kl_balance_alpha, kl_coefficient, nvae_loss, regularization_coefficient
+from .resume import ResumableSampler, StopSignal, capture_rng, restore_rng
+from .stability import GradientGuard
 
 log = logging.getLogger("nvae.train")
 
@@ -59,24 +61,49 @@ class TrainConfig:
     max_steps: Optional[int] = None      #: stop early (the schedules still follow ``epochs``)
     max_minutes: Optional[float] = None  #: stop after this much wall-clock training time
     flip: Optional[bool] = None          #: horizontal flips of training images (None: the data set's default)
+    strict_data: bool = False            #: unreadable images and wrong channel counts are errors, not skips
     precision: str = "fp32"
     channels_last: bool = False
     checkpointing: bool = False
     log_every: int = 50
     image_every: int = 500
     checkpoint_every: int = 1000
+    deterministic: bool = False          #: torch.use_deterministic_algorithms (bit-exact resume on GPU too)
+    skip_grad_factor: Optional[float] = 10.0   #: skip steps whose grad norm exceeds this x the running quantile
+    skip_grad_quantile: float = 0.95
+    skip_grad_window: int = 200
+    max_consecutive_skips: int = 20      #: then roll back to the last checkpoint (0: never)
+    rollback_lr_factor: float = 0.5      #: learning-rate multiplier applied at each roll-back
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("batch_size and epochs must be >= 1")
+        for name in ("batch_size", "epochs", "log_every", "image_every", "checkpoint_every", "skip_grad_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or None for the whole schedule), got {self.max_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs}): the learning "
+                             "rate would never finish warming up; lower warmup_epochs or raise epochs")
+        if self.learning_rate_min > self.learning_rate:
+            raise ValueError(f"learning_rate_min ({self.learning_rate_min}) exceeds learning_rate "
+                             f"({self.learning_rate})")
+        if not 0 < self.rollback_lr_factor <= 1:
+            raise ValueError(f"rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}")
+        if self.max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; they may come from another nvae version")
         return cls(**data)
 
     @classmethod
@@ -134,16 +161,23 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 def train_step(net, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor, beta: float,
                lam: float, alpha: Optional[torch.Tensor], balance: bool = True, dtype: Optional[torch.dtype] = None,
-               dist_ctx: Optional[DistributedContext] = None):
-    """One optimisation step: loss, backward, gradient norm, and the update unless something is non-finite.
+               dist_ctx: Optional[DistributedContext] = None, max_grad_norm: float = math.inf):
+    """One optimisation step: loss, backward, gradient norm, and the update unless the step is bad.
 
     ``net`` is what :func:`~nvae.objective.nvae_loss` takes: the model, or its
-    DDP wrapper (:func:`~nvae.distributed.wrap_model`). Returns the loss terms
-    (of this process's images), the gradient norm (of the gradients averaged
-    over the processes) and whether the optimiser stepped. A step whose loss or
-    gradient norm is non-finite on *any* process is skipped on all of them, so
-    the replicas never drift apart.
+    DDP wrapper (:func:`~nvae.distributed.wrap_model`). A step is bad when its
+    loss or gradient norm is not finite, or the gradient norm exceeds
+    ``max_grad_norm``, on *any* process; it is then skipped on all of them, so
+    the replicas never drift apart. A skipped step leaves no trace: its forward
+    pass already moved the BN running statistics and power-iteration vectors
+    (and, on the first step, the data-dependent initialisation), so every buffer
+    is put back as it was.
+
+    Returns the loss terms (of this process's images), the gradient norm (of the
+    gradients averaged over the processes) and whether the optimiser stepped.
     """
+    buffers = [b for b in net.buffers()]
+    before = [b.detach().clone() for b in buffers]
     opt.zero_grad(set_to_none=True)
     amp = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with amp:
@@ -151,41 +185,142 @@ def train_step(net, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x:
     scaler.scale(out.loss).backward()
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf"))
-    bad = not (torch.isfinite(out.loss) and torch.isfinite(grad_norm))
+    bad = not (torch.isfinite(out.loss) and torch.isfinite(grad_norm) and grad_norm <= max_grad_norm)
     if dist_ctx is not None:
         bad = dist_ctx.any(bad)
-    if not bad:
+    if bad:
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, old in zip(buffers, before):
+                b.copy_(old)
+    else:
         scaler.step(opt)
     scaler.update()
     return out, grad_norm, not bad
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint; ``nvae train --resume`` continues it."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        super().__init__(f"{signal_name} at step {step}; checkpoint written to {checkpoint}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive bad steps and no checkpoint to roll back to."""
+
+
+class RunDirError(ValueError):
+    """The run directory does not fit the request (holds another run, or nothing to resume)."""
+
+
+#: Options that only steer a run (when to stop, log, write): a resumed run may change them.
+RUN_CONTROL = ("max_steps", "max_minutes", "log_every", "image_every", "checkpoint_every")
+
+
+def check_same_run(stored_model: dict, stored_train: dict, model_config: NVAEConfig, cfg: TrainConfig,
+                   where: Path) -> None:
+    """Refuse to continue a run under a different configuration (only :data:`RUN_CONTROL` may change)."""
+    model_diff = sorted(k for k, v in model_config.to_dict().items() if stored_model.get(k, v) != v)
+    model_diff += sorted(set(stored_model) - set(model_config.to_dict()))
+    train_diff = sorted(k for k, v in cfg.to_dict().items()
+                        if k not in RUN_CONTROL and stored_train.get(k, v) != v)
+    if model_diff or train_diff:
+        parts = [f"model {', '.join(model_diff)}" if model_diff else "", f"training {', '.join(train_diff)}"
+                 if train_diff else ""]
+        raise RunDirError(f"{where} holds a run with a different configuration ({'; '.join(p for p in parts if p)} "
+                          f"differ); resume it without those overrides, or train into another --run-dir")
+
+
+def stored_run_configs(run_dir: Path):
+    """(model config dict, train config dict, checkpoint dict or None) of an existing run directory."""
+    ckpt = run_dir / "checkpoint.pt"
+    if ckpt.is_file():
+        state = read_checkpoint(ckpt)
+        if not isinstance(state.get("train_config"), dict):
+            raise CheckpointError(f"{ckpt} holds a model but no training state; it cannot be resumed")
+        return state["config"], state["train_config"], state
+    try:
+        return (json.loads((run_dir / "model_config.json").read_text()),
+                json.loads((run_dir / "train_config.json").read_text()), None)
+    except FileNotFoundError:
+        raise RunDirError(f"{run_dir} holds no run to resume (no checkpoint.pt or configs); check the path, "
+                          "or start a new run without --resume") from None
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{run_dir} holds damaged configs ({e}); start a new run in another --run-dir") from None
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "checkpoint.pt").exists() or (run_dir / "model_config.json").exists()
+
+
 def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Path, data_root: Optional[str] = None,
-          device: str | torch.device = "cpu", progress: bool = True) -> NVAE:
+          device: str | torch.device = "cpu", progress: bool = True, resume: bool = False) -> NVAE:
     """Train a model as the official code does and return it (in eval mode).
+
+    With ``resume=True`` the run in ``run_dir`` continues from its
+    ``checkpoint.pt`` exactly as if it had never stopped (same batches, same
+    noise); its configs must equal the given ones except :data:`RUN_CONTROL`.
+    Without it, a ``run_dir`` that already holds a run is an error.
+
+    Every ``checkpoint_every`` steps, at the end and on SIGTERM/SIGINT, the
+    complete training state is written atomically to ``run_dir/checkpoint.pt``.
+    After a signal, :class:`TrainingInterrupted` is raised once the checkpoint
+    is on disk.
 
     Under torchrun (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set) every process
     calls this: each trains on ``batch_size`` images per step from its share of
     the data set (the global batch is ``batch_size`` x processes), CUDA processes
-    on ``cuda:LOCAL_RANK``, and only rank 0 writes ``run_dir``.
+    on ``cuda:LOCAL_RANK``, and only rank 0 writes ``run_dir`` (which every
+    process must be able to read, for resuming and roll-backs).
     """
+    run_dir = Path(run_dir)
     dist_ctx = init_distributed(device)
+    previous = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(model_config, train_config, Path(run_dir), data_root, dist_ctx, progress)
+        if train_config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        with StopSignal() as stop:
+            return _train(model_config, train_config, run_dir, data_root, dist_ctx, progress, resume, stop)
     finally:
+        torch.use_deterministic_algorithms(previous)
         dist_ctx.close()
 
 
+class _Run:
+    """The mutable state of a run beyond model and optimiser, as it is checkpointed."""
+
+    def __init__(self):
+        self.step = 0
+        self.elapsed = 0.0      # seconds of training before this process started
+        self.lr_scale = 1.0     # lowered by each roll-back
+        self.rollbacks = 0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in vars(self):
+            setattr(self, key, type(getattr(self, key))(state[key]))
+
+
 def _train(model_config: NVAEConfig, cfg: TrainConfig, run_dir: Path, data_root: Optional[str],
-           dist_ctx: DistributedContext, progress: bool) -> NVAE:
+           dist_ctx: DistributedContext, progress: bool, resume: bool, stop: StopSignal) -> NVAE:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
     device, main, world = dist_ctx.device, dist_ctx.is_main, dist_ctx.world_size
-    # Seeded identically on every process, so all build the same initial model.
-    gen = seed_everything(cfg.seed)
-    # Data problems are reported before anything is written.
-    opts = dict(image_size=model_config.image_size, channels=model_config.in_channels, flip=cfg.flip)
+    ckpt_path = run_dir / "checkpoint.pt"
+    # Problems with the run directory and the data are reported before anything is written.
+    state = None
+    if resume:
+        stored_model, stored_train, state = stored_run_configs(run_dir)
+        check_same_run(stored_model, stored_train, model_config, cfg, run_dir)
+    elif holds_run(run_dir):
+        raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, or choose another --run-dir")
+    opts = dict(image_size=model_config.image_size, channels=model_config.in_channels, flip=cfg.flip,
+                strict=cfg.strict_data or None)
     data = build_dataset(cfg.dataset, "train", data_root, **opts)
     test_data = build_dataset(cfg.dataset, "test", data_root, **opts)
     if len(data) // world < cfg.batch_size:
@@ -200,23 +335,27 @@ def _train(model_config: NVAEConfig, cfg: TrainConfig, run_dir: Path, data_root:
     handler = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".checkpoint.pt.*.tmp"):   # left by a process killed while writing
+            stale.unlink()
         model_config.to_json(run_dir / "model_config.json")
         (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         handler = logging.FileHandler(run_dir / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    sampler = None
-    if dist_ctx.enabled:
-        # Same permutation on every process (seed + epoch), each taking its own slice;
-        # each binarises its images with a stream of its own.
-        sampler = DistributedSampler(data, num_replicas=world, rank=dist_ctx.rank, shuffle=True, seed=cfg.seed,
-                                     drop_last=True)
-        gen = torch.Generator().manual_seed(_rank_seed(cfg.seed, dist_ctx.rank))
-        loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, generator=gen)
-    else:
-        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=gen)
-    steps_per_epoch = len(loader)
+
+    # Seeded identically on every process, so all build the same initial model.
+    seed_everything(cfg.seed)
+    rank_seed = _rank_seed(cfg.seed, dist_ctx.rank) if dist_ctx.enabled else cfg.seed
+    # The data stream (binarisation) has a generator of its own; the sampler's
+    # order depends on (seed, epoch) only, so a resumed run can start mid-epoch.
+    gen = torch.Generator().manual_seed(rank_seed)
+    sampler = ResumableSampler(data, cfg.batch_size, num_replicas=world, rank=dist_ctx.rank, seed=cfg.seed)
+    # The loader draws a seed for its workers from `generator` at every epoch: a
+    # private one, so that draw never touches the global stream.
+    loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    steps_per_epoch = sampler.batches_per_epoch
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
@@ -228,71 +367,161 @@ def _train(model_config: NVAEConfig, cfg: TrainConfig, run_dir: Path, data_root:
     opt = torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate, eps=1e-3, weight_decay=cfg.weight_decay)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    guard = GradientGuard(cfg.skip_grad_factor, cfg.skip_grad_quantile, cfg.skip_grad_window,
+                          max_consecutive=cfg.max_consecutive_skips)
     alpha = kl_balance_alpha(model_config.groups_per_scale).to(device)
-    writer = SummaryWriter(str(run_dir)) if main else None
     fixed = next(iter(DataLoader(test_data, batch_size=16)))[0]
     if dist_ctx.enabled:
         # Posterior noise: independent across processes (their images differ too).
-        torch.manual_seed(_rank_seed(cfg.seed, dist_ctx.rank))
+        torch.manual_seed(rank_seed)
+    run = _Run()
+    if state is not None:
+        _restore(state, model, opt, scaler, guard, run, gen, dist_ctx)
+    elif resume and main:
+        log.info("no checkpoint in %s yet: starting the run from the beginning", run_dir)
+    writer = SummaryWriter(str(run_dir), purge_step=run.step + 1 if state is not None else None) if main else None
     if main:
         log.info("model %s params, %s groups per scale, %d steps (%d per epoch)",
                  f"{sum(p.numel() for p in model.parameters()):,}", list(model_config.groups_per_scale), last_step,
                  steps_per_epoch)
+        if state is not None:
+            log.info("resumed at step %d from %s", run.step, ckpt_path)
         if dist_ctx.enabled:
             log.info("%d processes (%s), %d images per process, global batch %d", world, dist.get_backend(),
                      cfg.batch_size, world * cfg.batch_size)
-    extra = {"world_size": world} if dist_ctx.enabled else {}
 
-    step, skipped, epoch = 0, 0, 0
-    bar = tqdm(total=last_step, desc="train", unit="step", disable=not (progress and main), dynamic_ncols=True)
-    t_start = time.perf_counter()
+    def save_checkpoint() -> None:
+        rng = capture_rng(gen, device)
+        rngs = [None] * world
+        if dist_ctx.enabled:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if main:
+            model.save(ckpt_path, train_config=cfg.to_dict(), step=run.step, optimizer=opt.state_dict(),
+                       scaler=scaler.state_dict(), guard=guard.state_dict(), run=run.state_dict(), rng=rngs,
+                       world_size=world)
+
+    bar = tqdm(total=last_step, initial=run.step, desc="train", unit="step", disable=not (progress and main),
+               dynamic_ncols=True)
+    t_start, start_step = time.perf_counter(), run.step
     net.train()
-    while step < last_step:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        epoch += 1
+    while run.step < last_step:
+        epoch, batch = divmod(run.step, steps_per_epoch)
+        sampler.start(epoch, batch)
         for (x,) in loader:
-            if step >= last_step:
-                break
             x = prepare_batch(x, model_config.decoder, model_config.num_x_bits, gen).to(device)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            lr = learning_rate(step, steps_per_epoch, cfg)
+            lr = learning_rate(run.step, steps_per_epoch, cfg) * run.lr_scale
             for group in opt.param_groups:
                 group["lr"] = lr
-            beta = kl_coefficient(step, total_steps, cfg.kl_anneal_portion, cfg.kl_const_portion, cfg.kl_const_coeff)
+            beta = kl_coefficient(run.step, total_steps, cfg.kl_anneal_portion, cfg.kl_const_portion,
+                                  cfg.kl_const_coeff)
             lam = regularization_coefficient(beta, cfg.weight_decay_norm, cfg.weight_decay_norm_init,
                                              cfg.weight_decay_norm_anneal)
             out, grad_norm, stepped = train_step(net, opt, scaler, x, beta, lam, alpha, cfg.kl_balance, dtype,
-                                                 dist_ctx)
-            if not stepped:
-                skipped += 1
-            step += 1
-            if cfg.max_minutes is not None:
-                # every rank stops at the same step
-                if dist_ctx.any(time.perf_counter() - t_start > 60 * cfg.max_minutes):
-                    last_step = step
+                                                 dist_ctx, max_grad_norm=guard.threshold())
+            guard.update(grad_norm.item(), stepped)
+            run.step += 1
+            if not stepped and main:
+                log.warning("step %d skipped: loss %.4g, gradient norm %.4g (threshold %.4g); %d skipped so far",
+                            run.step, out.loss.item(), grad_norm.item(), guard.threshold(), guard.total)
+            if guard.needs_rollback:
+                _roll_back(ckpt_path, model, opt, scaler, guard, run, cfg, main)
+            # Every process stops at the same step, whichever of them was signalled.
+            over_time = cfg.max_minutes is not None and \
+                run.elapsed + time.perf_counter() - t_start > 60 * cfg.max_minutes
+            if dist_ctx.enabled:
+                flags = dist_ctx.mean(torch.tensor([float(over_time), float(stop.received is not None)],
+                                                   device=device))
+                over_time, signalled = bool(flags[0] > 0), bool(flags[1] > 0)
+            else:
+                signalled = stop.received is not None
+            if over_time:
+                last_step = run.step
             stats = _batch_means(out, dist_ctx)
             nelbo = stats["nelbo"].item()
             bar.update(1)
-            bar.set_postfix(nelbo=f"{nelbo:.2f}", kl=f"{stats['kl'].item():.2f}",
-                            steps_s=f"{step / (time.perf_counter() - t_start):.1f}")
-            if main and (step % cfg.log_every == 0 or step == last_step):
-                _log_scalars(writer, step, out, stats, beta, lr, lam, grad_norm, skipped)
-                log.info("step %d nelbo %.4f recon %.4f kl %.4f beta %.4f lr %.2e", step, nelbo,
+            bar.set_postfix(nelbo=f"{nelbo:.2f}", kl=f"{stats['kl'].item():.2f}", skipped=guard.total,
+                            steps_s=f"{(run.step - start_step) / (time.perf_counter() - t_start):.1f}")
+            if main and (run.step % cfg.log_every == 0 or run.step == last_step):
+                _log_scalars(writer, run.step, out, stats, beta, lr, lam, grad_norm, guard.total)
+                log.info("step %d nelbo %.4f recon %.4f kl %.4f beta %.4f lr %.2e", run.step, nelbo,
                          stats["recon"].item(), stats["kl"].item(), beta, lr)
-            if main and (step % cfg.image_every == 0 or step == last_step):
-                _write_images(model, fixed.to(device), run_dir, writer, step)
+            if main and (run.step % cfg.image_every == 0 or run.step == last_step):
+                _write_images(model, fixed.to(device), run_dir, writer, run.step)
                 model.train()
-            if main and (step % cfg.checkpoint_every == 0 or step == last_step):
-                model.save(run_dir / "checkpoint.pt", train_config=cfg.to_dict(), step=step,
-                           optimizer=opt.state_dict(), **extra)
+            if signalled or run.step % cfg.checkpoint_every == 0 or run.step == last_step:
+                run.elapsed += time.perf_counter() - t_start
+                t_start, start_step = time.perf_counter(), run.step
+                save_checkpoint()
+            if signalled:
+                bar.close()
+                name = stop.name or "a signal on another process"
+                if main:
+                    log.info("stopped by %s at step %d; checkpoint written", name, run.step)
+                    _close_logs(writer, handler)
+                raise TrainingInterrupted(name, run.step, ckpt_path)
+            if run.step >= last_step:
+                break
     bar.close()
     if main:
-        writer.close()
-        log.removeHandler(handler)
-        handler.close()
+        if getattr(data, "skipped", 0):
+            log.warning("%d unreadable training image(s) were skipped: %s", data.skipped,
+                        ", ".join(map(str, list(data.skipped_files)[:10])))
+        _close_logs(writer, handler)
     return model.eval()
+
+
+def _close_logs(writer, handler) -> None:
+    writer.close()
+    log.removeHandler(handler)
+    handler.close()
+
+
+def _restore(state: dict, model: NVAE, opt, scaler, guard: GradientGuard, run: _Run, gen: torch.Generator,
+             dist_ctx: DistributedContext) -> None:
+    """Load a training checkpoint into this process's model, optimiser, counters and random generators."""
+    try:
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state.get("scaler") or {})
+        guard.load_state_dict(state["guard"])
+        run.load_state_dict(state["run"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"the checkpoint cannot be resumed ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
+                              " it may come from an older nvae; start a new run from its weights instead") from None
+    rngs = state.get("rng") or []
+    if len(rngs) == dist_ctx.world_size:
+        restore_rng(rngs[dist_ctx.rank], gen, dist_ctx.device)
+    else:
+        # Another number of processes: the data shards differ anyway; fresh, distinct streams.
+        log.warning("checkpoint written by %d process(es), resumed by %d: random streams re-seeded, so the run "
+                    "continues correctly but not bit-identically", len(rngs), dist_ctx.world_size)
+        seed = _rank_seed(run.step, dist_ctx.rank)
+        torch.manual_seed(seed)
+        gen.manual_seed(seed + 1)
+
+
+def _roll_back(ckpt_path: Path, model: NVAE, opt, scaler, guard: GradientGuard, run: _Run, cfg: TrainConfig,
+               main: bool) -> None:
+    """Back to the last checkpoint's weights and optimiser, with a lower learning rate; data and step go on."""
+    if not ckpt_path.is_file():
+        raise TrainingDiverged(
+            f"{guard.consecutive} consecutive steps were skipped (non-finite or exploding gradients) before the "
+            f"first checkpoint; lower the learning rate (now {cfg.learning_rate * run.lr_scale:g}) or check the data")
+    state = read_checkpoint(ckpt_path)
+    model.load_state_dict(state["state_dict"])
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state.get("scaler") or {})
+    run.lr_scale *= cfg.rollback_lr_factor
+    run.rollbacks += 1
+    guard.consecutive = 0
+    if main:
+        log.warning("rolled back to the weights of step %d after %d consecutive skipped steps; learning rate now "
+                    "x%g of the schedule (roll-back %d)", state["step"], cfg.max_consecutive_skips, run.lr_scale,
+                    run.rollbacks)
 
 
 def _batch_means(out: Loss, dist_ctx: DistributedContext) -> dict:
@@ -330,10 +559,12 @@ def _log_scalars(writer, step, out, stats, beta, lr, lam, grad_norm, skipped) ->
 def _write_images(model: NVAE, fixed: torch.Tensor, run_dir: Path, writer, step: int) -> None:
     from torchvision.utils import make_grid
     model.eval()
-    samples = model.sample(64, temperature=1.0, mean=True)
+    # A generator of its own: writing images must not move the training's random streams.
+    gen = torch.Generator(device=fixed.device).manual_seed(step)
+    samples = model.sample(64, temperature=1.0, generator=gen, mean=True)
     _save_grid(samples, run_dir / "samples.png")
     writer.add_image("samples", make_grid(samples, nrow=8), step)
-    x = prepare_batch(fixed, model.config.decoder, model.config.num_x_bits)
+    x = prepare_batch(fixed, model.config.decoder, model.config.num_x_bits, gen)
     recon = model.output_distribution(model(x, temperature=0.0).logits).mean()
     pairs = torch.stack([x, recon], dim=1).flatten(0, 1)
     _save_grid(pairs, run_dir / "reconstructions.png")
