@@ -20,6 +20,17 @@ from .regularizers import SpectralRegularizer, batchnorm_loss
 Temperature = Union[float, Sequence[float]]
 
 
+class BottomUp(NamedTuple):
+    """The encoder's output for a batch: what the top-down pass combines with the decoder state."""
+
+    q0: torch.Tensor            #: parameters of q(z_0|x) (mean and log-scale, stacked on channels)
+    enc_states: tuple           #: encoder features for groups 1.., in decoder order
+
+    def repeat(self, k: int) -> "BottomUp":
+        """The same features for ``k`` copies of the batch (``x.repeat(k, 1, 1, 1)``'s order)."""
+        return BottomUp(self.q0.repeat(k, 1, 1, 1), tuple(e.repeat(k, 1, 1, 1) for e in self.enc_states))
+
+
 class NVAEOutput(NamedTuple):
     """What a forward pass returns. All values in nats, per image."""
 
@@ -206,27 +217,44 @@ class NVAE(nn.Module):
             s = cell(s)
         return self.output_head(s)
 
-    def forward(self, x: torch.Tensor, temperature: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> NVAEOutput:
-        """Encode ``x``, sample every group from the posterior, decode, and score.
+    @property
+    def _enc_combiners(self) -> List[EncCombiner]:
+        """The encoder's combiner cells, in decoder order (matching ``BottomUp.enc_states``)."""
+        return [cell for cell in self.encoder_tower if isinstance(cell, EncCombiner)][::-1]
 
-        ``temperature`` scales the posterior noise: ``z = mu + temperature * sigma * eps``;
-        0 gives the posterior means (a deterministic encoding). log q is always
-        evaluated under the untempered posterior.
+    def encode(self, x: torch.Tensor) -> "BottomUp":
+        """The deterministic bottom-up pass: the encoder's features for every group (see :meth:`forward`).
+
+        In eval mode it does not depend on the posterior samples, so importance
+        sampling computes it once per image and reuses it for all K samples.
         """
-        with_flows = self.config.num_nf > 0
         s = self.stem(2 * x - 1.0)
         for cell in self.preprocess:
             s = cell(s)
-        enc_states, enc_combiners = [], []
+        enc_states = []
         for cell in self.encoder_tower:
             if isinstance(cell, EncCombiner):
-                enc_combiners.append(cell)
                 enc_states.append(s)
             else:
                 s = cell(s)
         enc_states.reverse()
-        enc_combiners.reverse()
+        q0 = self.posterior_heads[0](self.encoder0(s))
+        return BottomUp(q0, tuple(enc_states))
+
+    def forward(self, x: torch.Tensor, temperature: float = 1.0,
+                generator: Optional[torch.Generator] = None, bottom_up: Optional["BottomUp"] = None) -> NVAEOutput:
+        """Encode ``x``, sample every group from the posterior, decode, and score.
+
+        ``temperature`` scales the posterior noise: ``z = mu + temperature * sigma * eps``;
+        0 gives the posterior means (a deterministic encoding). log q is always
+        evaluated under the untempered posterior. ``bottom_up`` is :meth:`encode`'s
+        result for ``x``, when the caller already has it.
+        """
+        with_flows = self.config.num_nf > 0
+        if bottom_up is None:
+            bottom_up = self.encode(x)
+        enc_states = bottom_up.enc_states
+        enc_combiners = self._enc_combiners
 
         log_qs, log_ps, kls, latents = [], [], [], []
 
@@ -248,7 +276,7 @@ class NVAE(nn.Module):
             latents.append(z)
             return z
 
-        mu_q, log_sigma_q = self.posterior_heads[0](self.encoder0(s)).chunk(2, dim=1)
+        mu_q, log_sigma_q = bottom_up.q0.chunk(2, dim=1)
         zeros = torch.zeros_like(mu_q)
         z = visit(Normal(mu_q, log_sigma_q), Normal(zeros, zeros), 0)
 
@@ -349,7 +377,8 @@ class NVAE(nn.Module):
         ``log_w = log p(x|z_k) + log p(z_k) - log q(z_k|x)`` and ``nelbo = recon + KL``
         (KL as in training: analytic without flows). The K samples are folded into
         the batch in chunks of at most ``max_batch`` images per forward pass; BN
-        runs in eval mode, so folding does not change any number. The default is
+        runs in eval mode, so folding does not change any number, and the
+        bottom-up pass, which does not depend on the samples, runs once per image. The default is
         64 images on CPU (larger passes are memory-bound there and get slower)
         and 1024 on GPU.
         """
@@ -359,9 +388,10 @@ class NVAE(nn.Module):
         per_chunk = max(1, max_batch // b)
         log_w, nelbo = [], []
         with self._eval_mode():
+            bottom_up = self.encode(x)   # deterministic in eval mode: once, not K times
             for start in range(0, num_samples, per_chunk):
                 k = min(per_chunk, num_samples - start)
-                out = self(x.repeat(k, 1, 1, 1), generator=generator)
+                out = self(x.repeat(k, 1, 1, 1), generator=generator, bottom_up=bottom_up.repeat(k))
                 log_w.append((-out.recon - out.log_q + out.log_p).view(k, b))
                 nelbo.append((out.recon + out.kl.sum(1)).view(k, b))
         return torch.cat(log_w, dim=0), torch.cat(nelbo, dim=0)
