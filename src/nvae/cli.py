@@ -137,22 +137,40 @@ def _write_json(obj, path) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    """One process, or each process of a torchrun job with its share of the batches; rank 0 reports.
+
+    Partial sums go to NAME.partial.json beside the output every --save-every batches;
+    --resume continues from there (refusing a file from other arguments) and gives the
+    numbers an uninterrupted run gives. Without --resume such a file is replaced.
+    """
     import json
     from pathlib import Path
 
-    import torch
-
     from .data import build_dataset
-    from .evaluate import evaluate
-    model, ckpt = load_any(args.checkpoint, args.device)
-    dataset = args.dataset or _dataset_of(ckpt)
-    data = build_dataset(dataset, args.split, args.data)
-    result = evaluate(model, data, num_samples=args.num_samples, batch_size=args.batch_size,
-                      max_batch=args.max_batch, max_images=args.max_images, device=args.device,
-                      generator=torch.Generator().manual_seed(args.seed))
-    out = {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, **result.to_dict()}
-    print(json.dumps(out, indent=2))
-    _write_json(out, Path(args.output) if args.output else ckpt.with_name(f"eval_{args.split}_K{args.num_samples}.json"))
+    from .distributed import init_distributed
+    from .evaluate import evaluate, partial_path_for
+    if args.save_every < 0:
+        raise ValueError(f"--save-every must be 0 (never) or a positive number of batches, got {args.save_every}")
+    ctx = init_distributed(args.device)   # torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
+    try:
+        model, ckpt = load_any(args.checkpoint, str(ctx.device))
+        dataset = args.dataset or _dataset_of(ckpt)
+        data = build_dataset(dataset, args.split, args.data)
+        output = Path(args.output) if args.output else ckpt.with_name(f"eval_{args.split}_K{args.num_samples}.json")
+        partial = partial_path_for(output) if args.save_every else None
+        if args.resume and partial is None:
+            raise ValueError("--resume continues from partial sums, which --save-every 0 turns off")
+        result = evaluate(model, data, num_samples=args.num_samples, batch_size=args.batch_size,
+                          max_batch=args.max_batch, max_images=args.max_images, device=ctx.device,
+                          progress=ctx.is_main, seed=args.seed, dist_ctx=ctx, partial=partial, resume=args.resume,
+                          save_every=args.save_every or 10, identity={"dataset": dataset, "split": args.split})
+        if ctx.is_main:
+            out = {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, "seed": args.seed,
+                   **result.to_dict()}
+            print(json.dumps(out, indent=2))
+            _write_json(out, output)
+    finally:
+        ctx.close()
     return 0
 
 
@@ -201,7 +219,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     temps = [per_group] if per_group else _parse_temperatures(args.temperatures or str(args.temperature or 1.0))
     out_dir = Path(args.out or ckpt.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)   # draws happen on the model's device
     for t in temps:
         if args.readjust_bn:
             model.load_state_dict(load_any(ckpt, args.device)[0].state_dict())   # statistics of the checkpoint
@@ -232,9 +250,9 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .data import prepare_batch
     model, ckpt = load_any(args.checkpoint, args.device)
     _, data = _eval_data(args, ckpt)
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))])
-    x = prepare_batch(x, model.config.decoder, model.config.num_x_bits, gen).to(args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
+    x = prepare_batch(x, model.config.decoder, model.config.num_x_bits, gen)
     with torch.no_grad():
         dist = model.output_distribution(model(x, temperature=args.temperature, generator=gen).logits)
         recon = dist.mean() if args.temperature == 0 or model.config.decoder == "bernoulli" else dist.sample(1.0, gen)
@@ -278,9 +296,9 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     for i in (args.a, args.b):
         if not 0 <= i < len(data):
             raise ValueError(f"image index {i} is outside the {args.split} split (0..{len(data) - 1})")
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.stack([data[args.a][0], data[args.b][0]])
-    x = prepare_batch(x, model.config.decoder, model.config.num_x_bits, gen).to(args.device)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    x = torch.stack([data[args.a][0], data[args.b][0]]).to(args.device)
+    x = prepare_batch(x, model.config.decoder, model.config.num_x_bits, gen)
     groups = [int(g) for g in args.groups.split(",")] if args.groups else None
     with torch.no_grad():
         latents = model(x, temperature=0.0).latents           # posterior means
@@ -350,7 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation from OUTPUT's .partial.json (same arguments only; "
+                        "same numbers as an uninterrupted run)")
+    p.add_argument("--save-every", type=int, default=10, metavar="N",
+                   help="write partial sums every N batches per process, for --resume (0: never)")
+    p.add_argument("--device", default="cpu", help="torch device; under torchrun cuda means cuda:LOCAL_RANK")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("sample", help="sample images from the prior (PNG grid and .npz)")
@@ -389,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", default=None, help="comma-separated latent groups to interpolate (default: all)")
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_interpolate)
+
+    from .fid import add_fid_parsers
+    add_fid_parsers(sub)
     return parser
 
 

@@ -1,0 +1,452 @@
+"""Fréchet Inception Distance of samples from the prior, with pytorch-fid and local weights.
+
+FID compares two Gaussians fitted to Inception-v3 features: one of a data set, computed
+once and stored as ``.npz`` statistics (``mu``, ``sigma``: the same files pytorch-fid
+reads and writes), and one of the model's samples. The network, its weights and the
+distance are pytorch-fid's (``pip install pytorch-fid`` or ``pip install 'nvae[fid]'``);
+this module only feeds it.
+
+Weights are never downloaded. pytorch-fid normally fetches
+``pt_inception-2015-12-05-6726825d.pth`` from its GitHub releases; here the user gives
+the path of a copy (``--inception-weights PATH``). The file is read with
+``torch.load(weights_only=True)``, and while pytorch-fid builds its network its fetch
+function is replaced by one that hands over that state dict, so pytorch-fid's own code
+checks every key and shape. Any other request to download fails with :class:`FIDError`.
+
+What the network sees, for data and samples alike:
+
+* images in [0, 1] (anything else is an error), rounded to 8 bits as if saved to PNG
+  (so the numbers match pytorch-fid run on PNG files of the same images);
+* grey images repeated to three channels;
+* resized by pytorch-fid to 299x299 (bilinear) and scaled to [-1, 1].
+
+Samples are :meth:`nvae.NVAE.sample` at the given temperature: Bernoulli means for binary
+models, a sample of p(x|z) for colour models. Images keep the model's resolution, borders
+included: an MNIST model draws 32x32 images with the 2-pixel zero border its training
+data had, and ``nvae fid-stats --dataset mnist`` gives statistics of the same padded
+32x32 images. Statistics computed elsewhere from 28x28 MNIST are not comparable.
+Data statistics use the data set's images as stored (no binarisation, no reduction to
+``num_x_bits``, no random flips).
+
+Standard FID uses the 2048 features of the last pooling layer; ``dims`` 64, 192 or 768
+select earlier layers, as pytorch-fid allows (cheaper, but not comparable with published
+FIDs). Numbers depend on the number of images: the paper's protocol uses 50,000 samples.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterable, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ["FIDError", "FID_WEIGHTS_FILE", "FID_WEIGHTS_URL", "FEATURE_DIMS", "InceptionFeatures",
+           "load_inception_weights", "activation_statistics", "dataset_statistics", "sample_statistics",
+           "frechet_distance", "model_fid", "save_statistics", "load_statistics", "add_fid_parsers"]
+
+#: The file pytorch-fid's FID Inception weights come in, and where a copy can be fetched by hand.
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}"
+
+#: Feature sizes pytorch-fid's InceptionV3 offers; 2048 is the standard FID.
+FEATURE_DIMS = (64, 192, 768, 2048)
+
+Stats = Tuple[np.ndarray, np.ndarray]
+
+_INSTALL_HINT = "pip install pytorch-fid (or pip install 'nvae[fid]')"
+_GET_WEIGHTS = (f"download {FID_WEIGHTS_FILE} from the pytorch-fid releases ({FID_WEIGHTS_URL}) on a machine "
+                "with network access, copy it here, and pass its path with --inception-weights PATH")
+NO_WEIGHTS_MESSAGE = ("FID needs the Inception weights stored locally; nothing is downloaded at run time. "
+                      f"To compute FID, {_GET_WEIGHTS}")
+
+
+class FIDError(ValueError):
+    """FID cannot be computed as asked; the message names the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------- pytorch-fid
+def _pytorch_fid():
+    """pytorch-fid's ``inception`` and ``fid_score`` modules, or a clear error."""
+    try:
+        from pytorch_fid import fid_score, inception
+    except ImportError as e:
+        raise FIDError(f"FID needs the pytorch-fid package, which is not installed ({e}): {_INSTALL_HINT}") from None
+    if not all(hasattr(inception, n) for n in ("InceptionV3", "fid_inception_v3", "load_state_dict_from_url")):
+        raise FIDError("this version of pytorch-fid builds its network differently from the one nvae knows; "
+                       "install pytorch-fid 0.3: pip install 'pytorch-fid>=0.3,<0.4'")
+    return inception, fid_score
+
+
+_FETCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _fetch_from_memory(inception_module, state_dict: dict):
+    """While active, pytorch-fid's weight 'download' returns ``state_dict`` and nothing touches the network."""
+    def fetch(url, *args, **kwargs):
+        name = str(url).rsplit("/", 1)[-1]
+        if name != FID_WEIGHTS_FILE:
+            raise FIDError(f"pytorch-fid asked to download {url}; nvae never downloads, and the weights it "
+                           f"was given are {FID_WEIGHTS_FILE}. Use pytorch-fid 0.3 (pip install "
+                           "'pytorch-fid>=0.3,<0.4') or compute FID with pytorch-fid directly")
+        return state_dict
+
+    with _FETCH_LOCK:
+        original = inception_module.load_state_dict_from_url
+        inception_module.load_state_dict_from_url = fetch
+        try:
+            yield
+        finally:
+            inception_module.load_state_dict_from_url = original
+
+
+def load_inception_weights(path: Union[str, Path, None]) -> dict:
+    """The state dict stored at ``path``, read with ``weights_only=True``; clear errors otherwise.
+
+    Only the file is checked here (readable, a dict of tensors); that its keys and shapes are
+    those of the FID Inception is checked when :class:`InceptionFeatures` loads it.
+    """
+    if path is None:
+        raise FIDError(NO_WEIGHTS_MESSAGE)
+    path = Path(path)
+    if not path.is_file():
+        raise FIDError(f"no Inception weights at {path}; {_GET_WEIGHTS}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means "not a state dict we accept"
+        if isinstance(e, pickle.UnpicklingError):
+            reason = "not a file torch.save wrote, or it holds Python objects besides tensors, which are refused"
+        else:
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or ['empty or truncated file'])[0][:200]}"
+        raise FIDError(f"{path} could not be read as a PyTorch state dict ({reason}); "
+                       f"it should be pytorch-fid's {FID_WEIGHTS_FILE}") from None
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise FIDError(f"{path} is not a state dict (a mapping of names to tensors); "
+                       f"it should be pytorch-fid's {FID_WEIGHTS_FILE}")
+    return state
+
+
+def _mismatch(error: RuntimeError, path: Path) -> FIDError:
+    """A short summary of ``load_state_dict``'s complaint about ``path``."""
+    parts, mismatched = [], []
+    for line in str(error).splitlines()[1:]:
+        line = line.strip()
+        head, _, rest = line.partition(": ")
+        keys = re.findall(r'"([^"]+)"', rest)
+        if "key(s)" in head and keys:
+            parts.append(f"{head.split(' key')[0].lower()} keys: {len(keys)}, e.g. {', '.join(keys[:3])}")
+        elif line.startswith("size mismatch"):
+            mismatched.append(line.rstrip("."))
+        elif line:
+            parts.append(line[:200])
+    if mismatched:
+        more = f" (and {len(mismatched) - 2} more)" if len(mismatched) > 2 else ""
+        parts.append("; ".join(mismatched[:2]) + more)
+    detail = "; ".join(parts) or str(error)[:300]
+    return FIDError(f"{path} is not the FID Inception state dict ({detail}). FID needs pytorch-fid's "
+                    f"{FID_WEIGHTS_FILE}, not torchvision's Inception or another network; {_GET_WEIGHTS}")
+
+
+# ----------------------------------------------------------------------------- features
+class InceptionFeatures(nn.Module):
+    """pytorch-fid's InceptionV3 with the FID weights read from a local file; images -> features.
+
+    ``weights_path`` is a copy of pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``
+    (``None`` or a missing file raises :class:`FIDError` saying where to get it); nothing is
+    downloaded. ``dims`` picks the feature layer (2048: standard FID). Calling the module on
+    images (B, 1 or 3, H, W) in [0, 1] returns float32 features (B, dims); see the module
+    docstring for what the network sees.
+    """
+
+    def __init__(self, weights_path: Union[str, Path, None], device: Union[str, torch.device] = "cpu",
+                 dims: int = 2048):
+        super().__init__()
+        if dims not in FEATURE_DIMS:
+            raise FIDError(f"dims must be one of {FEATURE_DIMS} (2048 is the standard FID), got {dims!r}")
+        inception, _ = _pytorch_fid()
+        state = load_inception_weights(weights_path)
+        block = inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
+        try:
+            with _fetch_from_memory(inception, state):
+                net = inception.InceptionV3([block], resize_input=True, normalize_input=True)
+        except RuntimeError as e:   # load_state_dict: missing / unexpected keys, wrong shapes
+            raise _mismatch(e, Path(weights_path)) from None
+        self.net = net
+        self.dims = dims
+        self.weights_path = Path(weights_path)
+        self.to(device).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise FIDError(f"expected images (B, 1 or 3, H, W), got shape {tuple(images.shape)}")
+        x = images.to(self.device, torch.float32)
+        lo, hi = x.min().item(), x.max().item()
+        if lo < -1e-4 or hi > 1 + 1e-4 or not np.isfinite(lo + hi):
+            raise FIDError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+                           "rescale them (e.g. (x + 1) / 2 for images in [-1, 1])")
+        x = torch.round(x.clamp(0, 1) * 255) / 255          # 8 bits, as a PNG would hold them
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        self.net.eval()
+        out = self.net(x)[0]
+        if out.shape[2:] != (1, 1):                          # earlier blocks: average over space
+            out = torch.nn.functional.adaptive_avg_pool2d(out, (1, 1))
+        return out.flatten(1)
+
+
+# ----------------------------------------------------------------------------- statistics
+def activation_statistics(batches: Iterable[torch.Tensor], inception: InceptionFeatures,
+                          total: Optional[int] = None, desc: str = "FID features", progress: bool = True) -> Stats:
+    """Mean and covariance (float64) of the features of every image in ``batches``."""
+    from tqdm import tqdm
+
+    feats = []
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for x in batches:
+            feats.append(inception(x).cpu().double().numpy())
+            bar.update(len(x))
+    act = np.concatenate(feats) if feats else np.zeros((0, inception.dims))
+    if len(act) < 2:
+        raise FIDError(f"FID statistics need at least 2 images, got {len(act)}")
+    return act.mean(axis=0), np.cov(act, rowvar=False)
+
+
+def dataset_statistics(data, inception: InceptionFeatures, batch_size: int = 50, max_images: Optional[int] = None,
+                       num_workers: int = 0, progress: bool = True) -> Stats:
+    """``(mu, sigma)`` of the Inception features of a data set's images, in order.
+
+    ``data`` is a tensor of images (N, C, H, W) in [0, 1] or a data set whose items are
+    images or tuples starting with one (as :func:`nvae.data.build_dataset` gives);
+    ``max_images`` uses only the first N.
+    """
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    if isinstance(data, torch.Tensor):
+        data = TensorDataset(data)
+    if batch_size < 1:
+        raise FIDError(f"batch_size must be at least 1, got {batch_size}")
+    n = len(data) if max_images is None else min(max_images, len(data))
+    if n < len(data):
+        data = Subset(data, range(n))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    batches = (b[0] if isinstance(b, (list, tuple)) else b for b in loader)
+    return activation_statistics(batches, inception, total=n, desc="data features", progress=progress)
+
+
+def sample_statistics(model, inception: InceptionFeatures, num_samples: int = 10000, temperature=1.0,
+                      batch_size: int = 100, generator: Optional[torch.Generator] = None,
+                      progress: bool = True) -> Stats:
+    """``(mu, sigma)`` of the Inception features of ``num_samples`` prior samples of ``model``.
+
+    Samples are ``model.sample(b, temperature, generator)`` in eval mode, ``batch_size`` at
+    a time, on the model's device (``generator`` must live there too).
+    """
+    if num_samples < 2:
+        raise FIDError(f"FID needs at least 2 samples, got {num_samples}")
+    if batch_size < 1:
+        raise FIDError(f"batch_size must be at least 1, got {batch_size}")
+
+    def batches():
+        left = num_samples
+        while left > 0:
+            b = min(batch_size, left)
+            yield model.sample(b, temperature, generator).float()
+            left -= b
+
+    was_training = model.training
+    model.eval()
+    try:
+        return activation_statistics(batches(), inception, total=num_samples, desc="sample features",
+                                     progress=progress)
+    finally:
+        model.train(was_training)
+
+
+def _check_stats(mu, sigma, where: str) -> Stats:
+    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise FIDError(f"{where}: mu must have shape (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}; "
+                       "recompute the statistics with nvae fid-stats")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{where}: the statistics hold NaN or infinite values; recompute them with nvae fid-stats")
+    return mu, sigma
+
+
+def frechet_distance(a: Stats, b: Stats) -> float:
+    """pytorch-fid's ``calculate_frechet_distance`` between two ``(mu, sigma)`` pairs."""
+    _, fid_score = _pytorch_fid()
+    mu1, s1 = _check_stats(*a, "first statistics")
+    mu2, s2 = _check_stats(*b, "second statistics")
+    if mu1.shape != mu2.shape:
+        raise FIDError(f"statistics of {mu1.shape[0]} and {mu2.shape[0]} features cannot be compared; "
+                       "compute both with the same --dims")
+    return float(fid_score.calculate_frechet_distance(mu1, s1, mu2, s2))
+
+
+def model_fid(model, stats: Union[Stats, str, Path], inception: InceptionFeatures, num_samples: int = 10000,
+              temperature=1.0, batch_size: int = 100, generator: Optional[torch.Generator] = None,
+              progress: bool = True) -> float:
+    """FID of ``num_samples`` prior samples of ``model`` against data statistics.
+
+    ``stats`` is ``(mu, sigma)`` or the path of a statistics file (:func:`load_statistics`);
+    its feature size must match ``inception.dims``. See :func:`sample_statistics` for how
+    samples are drawn.
+    """
+    if not isinstance(stats, (tuple, list)):
+        stats = load_statistics(stats)
+    mu, sigma = _check_stats(*stats, "data statistics")
+    if mu.shape[0] != inception.dims:
+        raise FIDError(f"the data statistics hold {mu.shape[0]} features but the Inception extractor gives "
+                       f"{inception.dims}; use InceptionFeatures(..., dims={mu.shape[0]}) or recompute the statistics")
+    samples = sample_statistics(model, inception, num_samples, temperature, batch_size, generator, progress)
+    return frechet_distance((mu, sigma), samples)
+
+
+def save_statistics(path: Union[str, Path], mu, sigma) -> Path:
+    """Write ``mu`` and ``sigma`` to the ``.npz`` file ``path`` (pytorch-fid's format), atomically."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise FIDError(f"statistics files end in .npz (pytorch-fid recognises them by it), got {path}")
+    mu, sigma = _check_stats(mu, sigma, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_statistics(path: Union[str, Path]) -> Stats:
+    """``(mu, sigma)`` from a statistics file written by :func:`save_statistics` or pytorch-fid."""
+    path = Path(path)
+    if not path.is_file():
+        raise FIDError(f"no FID statistics at {path}; compute them with "
+                       "nvae fid-stats --dataset NAME --inception-weights PATH --output STATS.npz")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            if not {"mu", "sigma"} <= keys:
+                raise FIDError(f"{path} lacks {sorted({'mu', 'sigma'} - keys)} (it holds {sorted(keys)}); "
+                               "FID statistics hold 'mu' and 'sigma': compute them with nvae fid-stats")
+            mu, sigma = f["mu"], f["sigma"]
+    except FIDError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zip, pickle or format errors all mean "not a statistics file"
+        raise FIDError(f"{path} could not be read as a .npz statistics file ({type(e).__name__}: "
+                       f"{str(e)[:200]}); compute statistics with nvae fid-stats") from None
+    return _check_stats(mu, sigma, str(path))
+
+
+# ----------------------------------------------------------------------------- command line
+_WEIGHTS_HELP = f"local copy of pytorch-fid's {FID_WEIGHTS_FILE} (required; nothing is downloaded)"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cmd_fid_stats(args: argparse.Namespace) -> int:
+    """``nvae fid-stats``: Inception statistics of a data set split, written to ``--output``."""
+    from .data import build_dataset
+
+    if args.inception_weights is None:
+        raise FIDError(NO_WEIGHTS_MESSAGE)
+    if not str(args.output).endswith(".npz"):
+        raise FIDError(f"--output must end in .npz (pytorch-fid recognises statistics by it), got {args.output}")
+    if args.max_images is not None and args.max_images < 2:
+        raise FIDError(f"--max-images must be at least 2, got {args.max_images}")
+    inception = InceptionFeatures(args.inception_weights, args.device, args.dims)
+    data = build_dataset(args.dataset, args.split, args.data, image_size=args.image_size, flip=False)
+    mu, sigma = dataset_statistics(data, inception, batch_size=args.batch_size, max_images=args.max_images,
+                                   num_workers=args.num_workers)
+    n = len(data) if args.max_images is None else min(args.max_images, len(data))
+    out = save_statistics(args.output, mu, sigma)
+    print(f"wrote {out}: {args.dims} Inception features of {n} images of {args.dataset} ({args.split})")
+    return 0
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    """``nvae fid``: FID of a model's samples against ``--stats``; prints and writes JSON."""
+    import json
+
+    from .cli import _write_json, load_any
+
+    if args.inception_weights is None:
+        raise FIDError(NO_WEIGHTS_MESSAGE)
+    if args.num_samples < 2:
+        raise FIDError(f"-n must be at least 2, got {args.num_samples}")
+    if args.temperature < 0:
+        raise FIDError(f"--temperature must be non-negative, got {args.temperature}")
+    mu, sigma = load_statistics(args.stats)
+    if mu.shape[0] not in FEATURE_DIMS:
+        raise FIDError(f"{args.stats} holds {mu.shape[0]} features; Inception gives one of {FEATURE_DIMS}")
+    inception = InceptionFeatures(args.inception_weights, args.device, dims=mu.shape[0])
+    model, ckpt = load_any(args.checkpoint, args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    fid = model_fid(model, (mu, sigma), inception, num_samples=args.num_samples, temperature=args.temperature,
+                    batch_size=args.batch_size, generator=generator)
+    out = {"checkpoint": str(ckpt), "fid": fid, "num_samples": args.num_samples, "temperature": args.temperature,
+           "seed": args.seed, "stats": str(args.stats), "dims": int(mu.shape[0]),
+           "inception_weights": str(args.inception_weights),
+           "inception_weights_sha256": _sha256(Path(args.inception_weights))}
+    print(json.dumps(out, indent=2))
+    _write_json(out, Path(args.output) if args.output
+                else ckpt.with_name(f"fid_t{args.temperature:g}_n{args.num_samples}.json"))
+    return 0
+
+
+def add_fid_parsers(sub) -> None:
+    """Add the ``fid-stats`` and ``fid`` commands to ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("fid-stats", help="Inception statistics of a data set for FID (.npz, pytorch-fid format)")
+    p.add_argument("--dataset", required=True, help="data set name (as for training)")
+    p.add_argument("--data", default=None, help="folder holding the data set's files")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side of the images for resizable data sets (default: the data set's); use the model's")
+    p.add_argument("--inception-weights", default=None, metavar="PATH", help=_WEIGHTS_HELP)
+    p.add_argument("--output", "-o", required=True, help="statistics file to write (.npz)")
+    p.add_argument("--max-images", type=int, default=None, help="use only the first N images")
+    p.add_argument("--dims", type=int, default=2048, choices=FEATURE_DIMS,
+                   help="Inception features (2048: standard FID)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_fid_stats)
+
+    p = sub.add_parser("fid", help="FID of samples from the prior against data statistics (JSON)")
+    p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
+    p.add_argument("--stats", required=True, help="data statistics from nvae fid-stats (or pytorch-fid's .npz)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH", help=_WEIGHTS_HELP)
+    p.add_argument("-n", "--num-samples", type=int, default=10000, help="number of samples")
+    p.add_argument("--temperature", "-t", type=float, default=1.0, help="prior temperature")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")
+    p.set_defaults(func=cmd_fid)
