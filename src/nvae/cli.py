@@ -432,7 +432,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"nvae: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from .train import TrainingDiverged
+        from .stability import TrainingDiverged
         if args.debug or not isinstance(e, TrainingDiverged):
             raise
         print(f"nvae: error: {e}", file=sys.stderr)

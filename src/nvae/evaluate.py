@@ -1,16 +1,59 @@
-"""Evaluation over a data split: NELBO and the importance-weighted NLL (NVAE.md section 4)."""
+"""Evaluation over a data split: NELBO and the importance-weighted NLL (NVAE.md section 4).
+
+A long evaluation (K = 1000 over a whole test split) can run over the processes
+of a ``torchrun`` job and be resumed after an interruption; both rest on one
+rule: *a batch's numbers depend on the batch alone*.
+
+* The first ``num_images`` images of the split are cut into global batches of
+  ``batch_size`` consecutive images (the last one may be shorter). Global batch
+  ``b`` draws all its randomness (binarisation, posterior samples) from its own
+  generator seeded with :func:`batch_seed` ``(seed, b)``, not from one stream,
+  so skipping finished batches, or evaluating a batch on another process,
+  changes no draw.
+* Sharding: with W processes, batch ``b`` is evaluated by rank ``b % W``, in
+  rounds of W batches. Every image is evaluated exactly once, whatever the split
+  size; when the batches do not divide evenly the last round leaves some ranks idle.
+* Every ``save_every`` rounds the per-batch sums are all-reduced (each rank
+  fills in its own batches, zeros elsewhere, so the sum is exact) and, with a
+  ``partial`` path, rank 0 writes them atomically to that small JSON file
+  together with the evaluation's arguments. The totals are ``math.fsum`` of the
+  per-batch sums in batch order: one process or many, interrupted or not, the
+  same numbers.
+* ``resume=True`` continues from a partial file whose arguments match (model
+  weights, K, batch size, images, seed, device type, caller's ``identity``)
+  and refuses one that does not; without it an existing partial file is
+  replaced, with a warning. The world size is recorded but need not match: the
+  finished batches are always a prefix of the global batches, which any number
+  of processes can continue. The file is removed once the result is complete.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
+import sys
 from dataclasses import asdict, dataclass
-from typing import Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from .data import prepare_batch
 from .model import NVAE
 from .objective import iw_bound
+
+if TYPE_CHECKING:
+    from .distributed import DistributedContext
+
+log = logging.getLogger(__name__)
+
+#: ``format`` and ``version`` of a partial-evaluation file.
+PARTIAL_FORMAT = "nvae-eval-partial"
+PARTIAL_VERSION = 1
 
 
 @dataclass
@@ -31,40 +74,195 @@ class EvalResult:
                                           "bpd_elbo": "bits/dim"}}
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of global batch ``index``'s generator: a 63-bit hash of ``(seed, index)``."""
+    digest = hashlib.blake2b(f"nvae-eval/{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of ``model``'s state dict (names, dtypes, shapes and bytes): which weights were evaluated."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def partial_path_for(output: Union[str, Path]) -> Path:
+    """Where the partial sums of an evaluation bound for ``output`` are kept: ``NAME.partial.json`` beside it."""
+    output = Path(output)
+    stem = output.stem if output.suffix == ".json" else output.name
+    return output.with_name(f"{stem}.partial.json")
+
+
 @torch.no_grad()
 def evaluate(model: NVAE, data: Dataset, num_samples: int = 1000, batch_size: int = 16, max_batch: Optional[int] = None,
              max_images: Optional[int] = None, device: str | torch.device = "cpu",
-             generator: Optional[torch.Generator] = None, progress: bool = True) -> EvalResult:
+             generator: Optional[torch.Generator] = None, progress: bool = True, *, seed: Optional[int] = None,
+             dist_ctx: Optional["DistributedContext"] = None, partial: Union[str, Path, None] = None,
+             resume: bool = False, save_every: int = 10, identity: Optional[dict] = None) -> EvalResult:
     """Importance-weighted NLL with K = ``num_samples`` and the NELBO over ``data`` (in eval mode).
 
     Images are prepared as in training (binarised afresh for the Bernoulli decoder, as the
-    official test does; quantised to ``num_x_bits`` otherwise).
+    official test does; quantised to ``num_x_bits`` otherwise). The estimator is
+    :meth:`NVAE.importance_sample` and :func:`~nvae.objective.iw_bound` per image.
+
+    Randomness: global batch ``b`` (images ``b * batch_size`` onwards) uses a generator on
+    ``device`` seeded with :func:`batch_seed` ``(seed, b)``. Without ``seed`` one is drawn
+    from ``generator`` (or from torch's global generator without one), so a seeded
+    ``generator`` still makes the evaluation reproducible. ``max_batch`` (folding of the K
+    samples, default 64 on CPU, 1024 on GPU) orders the draws, so it is part of what
+    makes two evaluations equal.
+
+    Several processes: pass ``dist_ctx`` (a :class:`~nvae.distributed.DistributedContext`
+    with more than one process); each evaluates its share of the batches (batch ``b`` on
+    rank ``b % world_size``) on ``dist_ctx.device``, the sums are all-reduced every
+    ``save_every`` rounds, and every rank returns the same result. Only rank 0 shows
+    progress and writes the partial file. See the module docstring.
+
+    Resuming: with ``partial`` (a path, see :func:`partial_path_for`) the per-batch sums
+    are written there atomically every ``save_every`` batches per process, with the
+    evaluation's arguments (``identity``: the caller's extra plain entries that must
+    match, e.g. data set and split). ``resume=True`` continues from that file when it
+    exists, and raises ``ValueError`` when it belongs to other arguments or cannot be
+    read; ``resume=False`` replaces it (with a warning). The file is removed once the
+    evaluation is complete. A resumed evaluation gives the same numbers as an
+    uninterrupted one.
     """
     from tqdm import tqdm
 
     cfg = model.config
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx is not None else (1, 0)
+    if world > 1:
+        device = dist_ctx.device
+    device = torch.device(device)
+    main = rank == 0
     total = len(data) if max_images is None else min(max_images, len(data))
-    nll_sum = nelbo_sum = 0.0
-    seen = 0
-    bar = tqdm(total=total, desc=f"eval K={num_samples}", unit="img", disable=not progress, dynamic_ncols=True)
-    for (x,) in loader:
-        if seen >= total:
-            break
-        x = x[: total - seen]
-        x = prepare_batch(x, cfg.decoder, cfg.num_x_bits, generator).to(device)
-        log_w, nelbo = model.importance_sample(x, num_samples, max_batch, generator)
-        log_px = iw_bound(log_w.double())
-        nll_sum += -log_px.sum().item()
-        nelbo_sum += nelbo.double().mean(0).sum().item()
-        seen += x.shape[0]
-        bar.update(x.shape[0])
-        bar.set_postfix(nll=f"{nll_sum / seen:.3f}")
+    if total < 1:
+        raise ValueError(f"nothing to evaluate: the split holds {len(data)} images, max_images={max_images}")
+    if num_samples < 1 or batch_size < 1 or save_every < 1:
+        raise ValueError(f"num_samples, batch_size and save_every must be positive, got {num_samples}, "
+                         f"{batch_size} and {save_every}")
+    if max_batch is None:
+        max_batch = 1024 if device.type == "cuda" else 64
+    if seed is None:
+        if partial is not None and generator is None:
+            raise ValueError("a resumable evaluation needs a seed (or a seeded generator) to repeat its draws")
+        gen_device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device))
+    n_batches = math.ceil(total / batch_size)
+
+    # Rank 0 reads the partial file and tells the others (seed included: it may come from rank 0's RNG).
+    args, state, error = None, None, None
+    if main and partial is not None:
+        partial = Path(partial)
+        args = {"model_sha256": model_fingerprint(model), "num_samples": num_samples, "batch_size": batch_size,
+                "max_batch": max_batch, "num_images": total, "dataset_size": len(data), "seed": seed,
+                "device": device.type, **(identity or {})}
+        try:
+            state = _read_partial(partial, args, resume, n_batches, total)
+        except ValueError as e:
+            error = str(e)
+    seed, state, error = _from_main((seed, state, error), dist_ctx)
+    if error is not None:
+        raise ValueError(error)
+    nll_b = list(state["batch_nll_sums"]) if state else []
+    nelbo_b = list(state["batch_nelbo_sums"]) if state else []
+
+    def images_in(first: int, stop: int) -> int:   # images in global batches first .. stop - 1
+        return min(stop * batch_size, total) - min(first * batch_size, total)
+
+    done = len(nll_b)
+    bar = tqdm(total=total, initial=images_in(0, done), desc=f"eval K={num_samples}", unit="img",
+               disable=not (progress and main), dynamic_ncols=True)
+    if state and progress and main:
+        bar.write(f"resuming from {partial}: {images_in(0, done)} of {total} images done", file=sys.stderr)
+    mine = [list(range(b * batch_size, min((b + 1) * batch_size, total))) for b in range(done + rank, n_batches, world)]
+    batches = iter(DataLoader(data, batch_sampler=mine))
+    block = save_every * world
+    for start in range(done, n_batches, block):
+        stop = min(n_batches, start + block)
+        sums = torch.zeros(2, stop - start, dtype=torch.float64)
+        for b in range(start + rank, stop, world):
+            x = next(batches)[0].to(device)
+            g = torch.Generator(device).manual_seed(batch_seed(seed, b))
+            x = prepare_batch(x, cfg.decoder, cfg.num_x_bits, g)
+            log_w, nelbo = model.importance_sample(x, num_samples, max_batch, g)
+            sums[0, b - start] = -iw_bound(log_w.double()).sum().item()
+            sums[1, b - start] = nelbo.double().mean(0).sum().item()
+            bar.update(images_in(b, min(b + world, stop)))
+        if world > 1:
+            reduced = sums.to(dist_ctx.device)
+            dist.all_reduce(reduced)
+            sums = reduced.cpu()
+        nll_b += sums[0].tolist()
+        nelbo_b += sums[1].tolist()
+        seen = images_in(0, stop)
+        bar.set_postfix(nll=f"{math.fsum(nll_b) / seen:.3f}")
+        if main and partial is not None and stop < n_batches:
+            _write_partial(partial, args, world, seen, nll_b, nelbo_b)
     bar.close()
-    nll, nelbo = nll_sum / seen, nelbo_sum / seen
+    if main and partial is not None:
+        partial.unlink(missing_ok=True)
+    nll, nelbo = math.fsum(nll_b) / total, math.fsum(nelbo_b) / total
     per_dim = 1.0 / (math.log(2.0) * cfg.num_data_dims)
-    return EvalResult(nll=nll, nelbo=nelbo, bpd=nll * per_dim, bpd_elbo=nelbo * per_dim, num_images=seen,
+    return EvalResult(nll=nll, nelbo=nelbo, bpd=nll * per_dim, bpd_elbo=nelbo * per_dim, num_images=total,
                       num_samples=num_samples, data_dims=cfg.num_data_dims)
+
+
+def _from_main(obj, dist_ctx):
+    """Rank 0's ``obj`` on every process (``obj`` itself for one process)."""
+    if dist_ctx is None or not dist_ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=dist_ctx.device if dist_ctx.device.type == "cuda" else None)
+    return box[0]
+
+
+def _read_partial(path: Path, args: dict, resume: bool, n_batches: int, total: int) -> Optional[dict]:
+    """The state in partial file ``path`` if ``resume`` and it matches ``args``; None to start over."""
+    if not path.exists():
+        return None
+    if not resume:
+        log.warning("%s holds the partial sums of an earlier evaluation; starting over and replacing it "
+                    "(resume it instead with resume=True, `nvae eval --resume`)", path)
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the partial evaluation {path} ({e}); delete it to start over") from None
+    if not isinstance(state, dict) or state.get("format") != PARTIAL_FORMAT:
+        raise ValueError(f"{path} is not a partial evaluation of nvae; delete it or choose another output")
+    if state.get("version") != PARTIAL_VERSION:
+        raise ValueError(f"{path} has partial-evaluation version {state.get('version')!r}, this nvae reads "
+                         f"{PARTIAL_VERSION}; delete it to start over")
+    stored, wanted = state.get("args"), json.loads(json.dumps(args))
+    if stored != wanted:
+        stored = stored if isinstance(stored, dict) else {}
+        diffs = [f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now" for k in sorted(set(stored) | set(wanted))
+                 if stored.get(k) != wanted.get(k)]
+        raise ValueError(f"{path} holds a partial evaluation with other arguments ({'; '.join(diffs)}); "
+                         "rerun with its arguments to continue it, or delete it to start over")
+    done, nll_b, nelbo_b = state.get("batches_done"), state.get("batch_nll_sums"), state.get("batch_nelbo_sums")
+    valid = (isinstance(done, int) and 0 <= done <= n_batches and isinstance(nll_b, list) and isinstance(nelbo_b, list)
+             and len(nll_b) == len(nelbo_b) == done
+             and all(isinstance(v, float) for v in nll_b + nelbo_b)
+             and state.get("images_done") == min(done * args["batch_size"], total))
+    if not valid:
+        raise ValueError(f"{path} is damaged (inconsistent batch counts or sums); delete it to start over")
+    return state
+
+
+def _write_partial(path: Path, args: dict, world: int, images_done: int, nll_b: list, nelbo_b: list) -> None:
+    """Write the partial sums atomically: a temporary file beside ``path``, then ``os.replace``."""
+    state = {"format": PARTIAL_FORMAT, "version": PARTIAL_VERSION, "args": args, "world_size": world,
+             "batches_done": len(nll_b), "images_done": images_done, "nll_sum": math.fsum(nll_b),
+             "nelbo_sum": math.fsum(nelbo_b), "batch_nll_sums": nll_b, "batch_nelbo_sums": nelbo_b}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state) + "\n")
+    os.replace(tmp, path)
 
 
 @dataclass

@@ -14,7 +14,11 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["GradientGuard"]
+__all__ = ["GradientGuard", "TrainingDiverged"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive bad steps and no checkpoint to roll back to."""
 
 
 class GradientGuard:

@@ -34,7 +34,7 @@ from .distributed import DistributedContext, init_distributed, wrap_model
 from .model import NVAE
 from .objective import Loss, kl_balance_alpha, kl_coefficient, nvae_loss, regularization_coefficient
 from .resume import ResumableSampler, StopSignal, capture_rng, restore_rng
-from .stability import GradientGuard
+from .stability import GradientGuard, TrainingDiverged
 
 log = logging.getLogger("nvae.train")
 
@@ -205,10 +205,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, signal_name: str, step: int, checkpoint: Path):
         super().__init__(f"{signal_name} at step {step}; checkpoint written to {checkpoint}")
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive bad steps and no checkpoint to roll back to."""
 
 
 class RunDirError(ValueError):
