@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     overrides = dict(max_minutes=a.minutes, channels_last=a.channels_last, **_parse_overrides(a.train, TrainConfig))
     if a.epochs:
         overrides["epochs"] = a.epochs
-        overrides["warmup_epochs"] = min(base.warmup_epochs, a.epochs)
+        overrides.setdefault("warmup_epochs", min(base.warmup_epochs, a.epochs))   # an explicit --train wins
     if a.batch_size:
         overrides["batch_size"] = a.batch_size
     cfg = dataclasses.replace(base, **overrides)
