@@ -57,8 +57,24 @@ def test_lambda_annealing_is_log_linear_in_beta():
     assert regularization_coefficient(0.0, 1e-2, 1.0, anneal=True) == pytest.approx(1.0)
     assert regularization_coefficient(1.0, 1e-2, 1.0, anneal=True) == pytest.approx(1e-2)
     assert regularization_coefficient(0.5, 1e-2, 1.0, anneal=True) == pytest.approx(1e-1)
+    assert regularization_coefficient(0.5, 0.0, 1.0, anneal=True) == 0.0   # off stays off, annealed or not
     with pytest.raises(ValueError):
-        regularization_coefficient(0.5, 0.0, 1.0, anneal=True)
+        regularization_coefficient(0.5, 1e-2, 0.0, anneal=True)
+
+
+def test_regularisation_off_skips_the_power_iteration():
+    from nvae import NVAE, NVAEConfig
+    from nvae.objective import nvae_loss
+    model = NVAE(NVAEConfig.preset("digits", num_channels_enc=4, num_channels_dec=4)).train()
+    x = (torch.rand(4, 1, 8, 8) > 0.5).float()
+    before = {k: v.clone() for k, v in model.named_buffers() if k.startswith("spectral.")}
+    out = nvae_loss(model, x, beta=1.0, lam=0.0, alpha=kl_balance_alpha(model.config.groups_per_scale))
+    assert out.spectral.item() == 0 and out.batchnorm.item() == 0
+    assert out.loss.item() == pytest.approx(out.nelbo.mean().item(), rel=1e-6)
+    for k, v in model.named_buffers():
+        if k in before:
+            assert torch.equal(v, before[k]), k   # power-iteration vectors untouched
+    assert before, "the model should have power-iteration buffers"
 
 
 def test_learning_rate_warms_up_linearly_then_cosine_to_the_minimum():

@@ -45,7 +45,7 @@ def balanced_kl(kl: torch.Tensor, beta: float, alpha: Optional[torch.Tensor], ba
 def regularization_coefficient(beta: float, weight_decay_norm: float, weight_decay_norm_init: Optional[float] = None,
                                anneal: bool = False) -> float:
     """lambda of the SR and BN losses, annealed log-linearly from ``init`` to its final value with beta."""
-    if not anneal:
+    if not anneal or weight_decay_norm == 0:   # 0 turns SR and BN regularisation off
         return weight_decay_norm
     if weight_decay_norm <= 0 or not weight_decay_norm_init or weight_decay_norm_init <= 0:
         raise ValueError("lambda annealing needs positive weight_decay_norm and weight_decay_norm_init")
@@ -78,7 +78,9 @@ def nvae_loss(model, x: torch.Tensor, beta: float, lam: float, alpha: Optional[t
     out = model(x, generator=generator)
     kl_term, coeffs = balanced_kl(out.kl, beta, alpha, balance)
     loss = (out.recon + kl_term).mean()
-    sr, bn = model.spectral_loss(), model.batchnorm_loss()
     if lam:
+        sr, bn = model.spectral_loss(), model.batchnorm_loss()
         loss = loss + lam * (sr + bn)
+    else:   # regularisation off (the SR ablation): no power iteration at all
+        sr = bn = loss.new_zeros(())
     return Loss(loss, out.recon + out.kl.sum(1), out.recon, out.kl, out.kl_per_channel, coeffs, sr, bn)
