@@ -7,14 +7,12 @@ two processes x two OpenMP threads on two cores stall badly.
 import os
 import subprocess
 import sys
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo import WORLD, spawn
 from nvae import NVAE, NVAEConfig
 from nvae.distributed import (DistributedContext, SyncBatchNorm2d, convert_sync_batchnorm, init_distributed,
                               torchrun_env, wrap_model)
@@ -22,32 +20,11 @@ from nvae.layers import BatchNorm2d, batch_norm
 from nvae.objective import kl_balance_alpha
 from nvae.train import train_step
 
-WORLD = 2
 # Uneven shares on purpose: the global statistics must weight each process by its count.
 BN_SPLIT = (3, 5)
 STEPS = 3
 LR = 1e-2
 BATCH = 8
-
-
-def _spawn(worker, tmp_path: Path, *args) -> list:
-    """Run ``worker(rank, *args)`` in two gloo processes; return what each returned."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")   # inherited by the spawned workers
-        mp.spawn(_entry, args=(worker, str(tmp_path), args), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-
-
-def _entry(rank: int, worker, tmp: str, args: tuple) -> None:
-    torch.set_num_threads(1)
-    # A file store: no port to pick, nothing to collide with. A mismatched collective
-    # fails the test after a minute instead of hanging it.
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        torch.save(worker(rank, *args), Path(tmp) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _worker(rank: int) -> dict:
@@ -58,7 +35,7 @@ def _worker(rank: int) -> dict:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list:
     """What each of the two gloo processes computed."""
-    return _spawn(_worker, tmp_path_factory.mktemp("gloo"))
+    return spawn(_worker, tmp_path_factory.mktemp("gloo"))
 
 
 # ------------------------------------------------------------- SyncBatchNorm2d

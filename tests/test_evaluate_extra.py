@@ -9,22 +9,19 @@ tests/test_distributed.py.
 import json
 import logging
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import Dataset, TensorDataset
 
 import nvae.data
+from gloo import WORLD, spawn
 from nvae import NVAE, NVAEConfig
 from nvae.cli import main
 from nvae.distributed import init_distributed
 from nvae.evaluate import evaluate, partial_path_for
 
-WORLD = 2
 N_IMAGES = 9          # odd: batches of 2, 2, 2, 2, 1; rank 0 takes three of them, rank 1 two
 BATCH = 2
 K = 3
@@ -171,24 +168,6 @@ def test_cli_eval_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------- two processes
-def _spawn(worker, tmp: Path, *args) -> list:
-    """``worker(rank, *args)`` in two gloo processes (file store, one thread each); what each returned."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        mp.spawn(_entry, args=(worker, str(tmp), args), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-
-
-def _entry(rank: int, worker, tmp: str, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
-    try:
-        torch.save(worker(rank, *args), Path(tmp) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def _worker(rank: int, tmp: str, one_process_partial: str) -> dict:
     # One spawn for every check: starting two interpreters costs more than the evaluations.
     tmp = Path(tmp)
@@ -223,7 +202,7 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ranks(reference) -> list:
     tmp = reference["tmp"]
-    return _spawn(_worker, tmp, str(tmp), str(tmp / "one.partial.json"))
+    return spawn(_worker, tmp, str(tmp), str(tmp / "one.partial.json"))
 
 
 def _close(a: dict, b: dict) -> None:

@@ -5,7 +5,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, BinaryIO, Callable, Dict, Union
 
 import torch
 
@@ -17,8 +17,8 @@ class CheckpointError(ValueError):
     """A file that is not a usable checkpoint; the message says why and what to do."""
 
 
-def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename.
+def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file in ``path``'s directory, fsync, then rename it to ``path``.
 
     A reader never sees a half-written file, and the previous file at ``path``
     stays intact until the new one is complete.
@@ -28,7 +28,7 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,6 +42,11 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_png(images: torch.Tensor, path: Union[str, Path], nrow: int, padding: int = 2) -> None:

@@ -37,10 +37,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import os
 import pickle
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable, Optional, Tuple, Union
@@ -323,18 +321,8 @@ def save_statistics(path: Union[str, Path], mu, sigma) -> Path:
     if path.suffix != ".npz":
         raise FIDError(f"statistics files end in .npz (pytorch-fid recognises them by it), got {path}")
     mu, sigma = _check_stats(mu, sigma, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from .checkpoint import atomic_write
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
     return path
 
 
