@@ -44,7 +44,7 @@ def _cases(tmp: Path, run: Path):
     garbage.write_bytes(b"this is not a checkpoint")
     garbage_run = tmp / "garbage_run"
     garbage_run.mkdir()
-    (garbage_run / "checkpoint.pt").write_bytes(b"\x80\x04junk")
+    (garbage_run / "checkpoint.pt").write_bytes(b"\x80\x02junk")
     new = str(tmp / "new_run")
     folder = ["--train", "dataset=folder"]
     return {
