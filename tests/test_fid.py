@@ -20,9 +20,9 @@ from pytorch_fid.fid_score import compute_statistics_of_path  # noqa: E402
 
 from nvae import NVAE, NVAEConfig, cli  # noqa: E402
 from nvae.checkpoint import save_model  # noqa: E402
-from nvae.fid import (FID_WEIGHTS_FILE, FIDError, InceptionFeatures, add_fid_parsers, cmd_fid,  # noqa: E402
-                      cmd_fid_stats, dataset_statistics, frechet_distance, load_statistics, model_fid,
-                      save_statistics)
+from nvae.cli import add_fid_parsers, cmd_fid, cmd_fid_stats  # noqa: E402
+from nvae.fid import (FID_WEIGHTS_FILE, FIDError, InceptionFeatures, dataset_statistics,  # noqa: E402
+                      frechet_distance, load_statistics, model_fid, save_statistics)
 
 
 pytestmark = [  # pytorch-fid's sqrtm call on a newer SciPy; few images give singular covariances
@@ -268,18 +268,7 @@ def test_model_fid_against_its_own_samples(inception64):
 
 # ----------------------------------------------------------------------------- command line
 @pytest.fixture
-def nvae_main(monkeypatch):
-    """``nvae.cli.main`` with the FID commands wired in (a no-op once cli.py wires them itself)."""
-    build = cli.build_parser
-
-    def wired():
-        parser = build()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "fid" not in sub.choices:
-            add_fid_parsers(sub)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", wired)
+def nvae_main():
     return cli.main
 
 

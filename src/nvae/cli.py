@@ -321,6 +321,106 @@ def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+# ------------------------------------------------------------------------------------ FID
+_FID_WEIGHTS_HELP = ("local copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                     "(required; nothing is downloaded)")
+
+
+def _sha256(path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cmd_fid_stats(args: argparse.Namespace) -> int:
+    """``nvae fid-stats``: Inception statistics of a data set split, written to ``--output``."""
+    from .data import build_dataset
+    from .fid import NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, dataset_statistics, save_statistics
+
+    if args.inception_weights is None:
+        raise FIDError(NO_WEIGHTS_MESSAGE)
+    if not str(args.output).endswith(".npz"):
+        raise FIDError(f"--output must end in .npz (pytorch-fid recognises statistics by it), got {args.output}")
+    if args.max_images is not None and args.max_images < 2:
+        raise FIDError(f"--max-images must be at least 2, got {args.max_images}")
+    inception = InceptionFeatures(args.inception_weights, args.device, args.dims)
+    data = build_dataset(args.dataset, args.split, args.data, image_size=args.image_size, flip=False)
+    mu, sigma = dataset_statistics(data, inception, batch_size=args.batch_size, max_images=args.max_images,
+                                   num_workers=args.num_workers)
+    n = len(data) if args.max_images is None else min(args.max_images, len(data))
+    out = save_statistics(args.output, mu, sigma)
+    print(f"wrote {out}: {args.dims} Inception features of {n} images of {args.dataset} ({args.split})")
+    return 0
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    """``nvae fid``: FID of a model's samples against ``--stats``; prints and writes JSON."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .fid import FEATURE_DIMS, NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, load_statistics, model_fid
+
+    if args.inception_weights is None:
+        raise FIDError(NO_WEIGHTS_MESSAGE)
+    if args.num_samples < 2:
+        raise FIDError(f"-n must be at least 2, got {args.num_samples}")
+    if args.temperature < 0:
+        raise FIDError(f"--temperature must be non-negative, got {args.temperature}")
+    mu, sigma = load_statistics(args.stats)
+    if mu.shape[0] not in FEATURE_DIMS:
+        raise FIDError(f"{args.stats} holds {mu.shape[0]} features; Inception gives one of {FEATURE_DIMS}")
+    inception = InceptionFeatures(args.inception_weights, args.device, dims=mu.shape[0])
+    model, ckpt = load_any(args.checkpoint, args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    fid = model_fid(model, (mu, sigma), inception, num_samples=args.num_samples, temperature=args.temperature,
+                    batch_size=args.batch_size, generator=generator)
+    out = {"checkpoint": str(ckpt), "fid": fid, "num_samples": args.num_samples, "temperature": args.temperature,
+           "seed": args.seed, "stats": str(args.stats), "dims": int(mu.shape[0]),
+           "inception_weights": str(args.inception_weights),
+           "inception_weights_sha256": _sha256(args.inception_weights)}
+    print(json.dumps(out, indent=2))
+    _write_json(out, Path(args.output) if args.output
+                else ckpt.with_name(f"fid_t{args.temperature:g}_n{args.num_samples}.json"))
+    return 0
+
+
+def add_fid_parsers(sub) -> None:
+    """Add the ``fid-stats`` and ``fid`` commands to ``sub`` (an argparse subparsers object)."""
+    from .fid import FEATURE_DIMS
+    p = sub.add_parser("fid-stats", help="Inception statistics of a data set for FID (.npz, pytorch-fid format)")
+    p.add_argument("--dataset", required=True, help="data set name (as for training)")
+    p.add_argument("--data", default=None, help="folder holding the data set's files")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side of the images for resizable data sets (default: the data set's); use the model's")
+    p.add_argument("--inception-weights", default=None, metavar="PATH", help=_FID_WEIGHTS_HELP)
+    p.add_argument("--output", "-o", required=True, help="statistics file to write (.npz)")
+    p.add_argument("--max-images", type=int, default=None, help="use only the first N images")
+    p.add_argument("--dims", type=int, default=2048, choices=FEATURE_DIMS,
+                   help="Inception features (2048: standard FID)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_fid_stats)
+
+    p = sub.add_parser("fid", help="FID of samples from the prior against data statistics (JSON)")
+    p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
+    p.add_argument("--stats", required=True, help="data statistics from nvae fid-stats (or pytorch-fid's .npz)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH", help=_FID_WEIGHTS_HELP)
+    p.add_argument("-n", "--num-samples", type=int, default=10000, help="number of samples")
+    p.add_argument("--temperature", "-t", type=float, default=1.0, help="prior temperature")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")
+    p.set_defaults(func=cmd_fid)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nvae", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -413,7 +513,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_interpolate)
 
-    from .fid import add_fid_parsers
     add_fid_parsers(sub)
     return parser
 
