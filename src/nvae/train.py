@@ -139,11 +139,11 @@ def learning_rate(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate_min + (cfg.learning_rate - cfg.learning_rate_min) * (1 + math.cos(math.pi * done / span)) / 2
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def _save_grid(images: torch.Tensor, path: Path, min_side: int = 128) -> None:
