@@ -34,6 +34,8 @@ def main(argv=None) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--recompute-bn", action="store_true",
+                   help="store only BN inputs; recompute BN and Swish in backward (nvae.fused)")
     p.add_argument("--no-tune-allocator", action="store_true",
                    help="leave glibc's malloc thresholds alone (see nvae.runtime.tune_cpu_allocator)")
     a = p.parse_args(argv)
@@ -48,6 +50,7 @@ def main(argv=None) -> None:
         model = model.to(memory_format=torch.channels_last)
     if a.checkpointing:
         model.set_checkpointing(True, None if a.checkpointing == "all" else a.checkpointing.split(","))
+    model.set_recompute_bn(a.recompute_bn)
     model.train()
     opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
     alpha = kl_balance_alpha(cfg.groups_per_scale).to(device)
@@ -86,7 +89,7 @@ def main(argv=None) -> None:
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     flags = " ".join(f for f, on in [("channels-last", a.channels_last), ("compile", a.compile),
                                      (f"checkpointing={a.checkpointing}", a.checkpointing),
-                                     ("tuned-allocator", tuned)] if on)
+                                     ("tuned-allocator", tuned), ("recompute-bn", a.recompute_bn)] if on)
     print(f"preset={a.preset} batch={a.batch} device={device} precision={a.precision} {flags}".rstrip())
     print(f"median step: {statistics.median(times):.3f} s  (min {min(times):.3f}, max {max(times):.3f}, n={len(times)})")
     print(f"peak RSS: {rss_gb:.2f} GB")

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .fused import bn_act_conv
 from .layers import BatchNorm2d, FactorizedReduce, SqueezeExcitation, UpsampleSkip, WNConv2d, batch_norm
 
 # Cell roles and their stride: 1 keeps the resolution, 2 halves it (channels x2),
@@ -35,8 +36,13 @@ class ResConv(nn.Module):
         self.activation = activation
         self.conv = WNConv2d(c_in, c_out, kernel_size, stride=abs(stride), padding=dilation * (kernel_size // 2),
                              dilation=dilation, data_init=data_init)
+        #: Keep only the BN input for backward (see :mod:`nvae.fused`).
+        self.recompute_bn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is not None and self.activation is F.silu and not self.upsample:
+            return bn_act_conv(x, self.bn, self.conv, self.conv.normalized_weight(), self.conv.bias, swish=True,
+                               recompute=self.recompute_bn)
         if self.bn is not None:
             x = self.bn(x)
         x = self.activation(x)
@@ -64,13 +70,17 @@ class InvertedResidual(nn.Module):
         self.bn_depthwise = batch_norm(hidden)
         self.project = nn.Conv2d(hidden, c_out, 1, bias=False)
         self.bn_out = batch_norm(c_out)
+        #: Keep only the BN inputs for backward (see :mod:`nvae.fused`).
+        self.recompute_bn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.upsample:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = F.silu(self.bn_expand(self.expand(self.bn_in(x))))
-        x = F.silu(self.bn_depthwise(self.depthwise(x)))
-        return self.bn_out(self.project(x))
+        lean = self.recompute_bn
+        x = bn_act_conv(x, self.bn_in, self.expand, self.expand.weight, None, swish=False, recompute=lean)
+        x = bn_act_conv(x, self.bn_expand, self.depthwise, self.depthwise.weight, None, swish=True, recompute=lean)
+        x = bn_act_conv(x, self.bn_depthwise, self.project, self.project.weight, None, swish=True, recompute=lean)
+        return self.bn_out(x)
 
 
 #: Operation name (as in the official code) -> constructor(c_in, c_out, stride).

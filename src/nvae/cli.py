@@ -65,7 +65,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                          max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
                                          precision=args.precision, checkpoint_every=args.checkpoint_every).items()
                 if v is not None}
-    for flag in ("channels_last", "checkpointing", "deterministic", "strict_data"):
+    for flag in ("channels_last", "checkpointing", "recompute_bn", "deterministic", "strict_data"):
         if getattr(args, flag):
             explicit[flag] = True
     model_over = _parse_overrides(args.model, NVAEConfig)
@@ -449,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on CPU)")
     p.add_argument("--checkpointing", action="store_true", help="recompute cells in backward to save memory")
+    p.add_argument("--recompute-bn", action="store_true",
+                   help="store only BN inputs and recompute BN + Swish in backward (less memory, a little slower)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--no-tune-allocator", dest="tune_allocator", action="store_false",
                    help="leave glibc malloc settings alone")

@@ -422,6 +422,18 @@ class NVAE(nn.Module):
                 cell.checkpointing = enabled and (roles is None or cell.role in roles)
         return self
 
+    def set_recompute_bn(self, enabled: bool = True) -> "NVAE":
+        """Keep only BN inputs for the backward pass and recompute the BN and Swish outputs there.
+
+        Same values, gradients and BN statistics (:mod:`nvae.fused`); in the
+        separable cells two thirds of the wide activations are not stored.
+        Composes with :meth:`set_checkpointing`.
+        """
+        for m in self.modules():
+            if hasattr(m, "recompute_bn"):
+                m.recompute_bn = enabled
+        return self
+
     # ---------------------------------------------------------- regularisers
     def spectral_loss(self) -> torch.Tensor:
         """Spectral regularisation L_SR: the sum of the convolutions' largest singular values."""

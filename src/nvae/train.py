@@ -65,6 +65,7 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     checkpointing: bool = False
+    recompute_bn: bool = False           #: store BN inputs only; recompute BN and Swish in backward
     log_every: int = 50
     image_every: int = 500
     checkpoint_every: int = 1000
@@ -359,6 +360,7 @@ def _train(model_config: NVAEConfig, cfg: TrainConfig, run_dir: Path, data_root:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.set_checkpointing(cfg.checkpointing)
+    model.set_recompute_bn(cfg.recompute_bn)
     net = wrap_model(model, dist_ctx)
     opt = torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate, eps=1e-3, weight_decay=cfg.weight_decay)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)

@@ -1,0 +1,100 @@
+"""BatchNorm -> [Swish] -> convolution that keeps only the BN input for the backward pass.
+
+Written op by op, autograd stores three tensors of the same size for this chain:
+the BN input, the BN output (for Swish's derivative) and the Swish output (for the
+convolution's weight gradient). The last two are cheap to recompute from the
+first and the batch statistics, so :class:`_BNActConv` stores the first only and
+recomputes the other two in the backward pass (``NVAE.set_recompute_bn``). In the separable cells this is
+two thirds of every expanded (6C) activation, the bulk of the model's memory.
+On a CPU the recomputation (one sigmoid per element) costs more time than it
+saves, so it is a switch, like gradient checkpointing.
+
+The forward values, the running-statistics update and the gradients are those of
+``conv(act(bn(x)))``: the same ATen kernels run, in the same order. The chain
+falls back to the plain modules wherever the saving does not apply or the
+recomputation would be wrong: evaluation, no autograd, autocast (the saved
+tensors would not have the dtypes the backward pass sees), ``torch.compile``
+(which plans recomputation itself) and synchronised BN (whose statistics come
+from every process).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _BNActConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, swish,
+                weight, bias, stride, padding, dilation, groups):
+        y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var,
+                                                  True, momentum, eps)
+        s = F.silu(y) if swish else y
+        out = F.conv2d(s, weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
+        ctx.conv = (stride, padding, dilation, groups, None if bias is None else bias.shape)
+        ctx.swish, ctx.eps = swish, eps
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, bias_shape = ctx.conv
+        shape = (1, -1, 1, 1)
+        scale = invstd * bn_weight
+        y = torch.addcmul((bn_bias - mean * scale).view(shape), x, scale.view(shape))
+        # One sigmoid serves both Swish and its derivative:
+        # silu'(y) g = sigmoid(y) g + y sigmoid(y) (1 - sigmoid(y)) g.
+        sig = torch.sigmoid(y) if ctx.swish else None
+        s = y * sig if ctx.swish else y
+        need = ctx.needs_input_grad
+        grad_s, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, s, weight, bias_shape, _pair(stride), _pair(padding), _pair(dilation), False, [0, 0], groups,
+            [True, need[8], bias_shape is not None and need[9]])
+        del s
+        if ctx.swish:
+            grad_y = torch.addcmul(grad_s * sig, y, torch.ops.aten.sigmoid_backward(grad_s, sig))
+        else:
+            grad_y = grad_s
+        del y, sig, grad_s
+        grad_x, grad_g, grad_b_bn = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, bn_weight, None, None, mean, invstd, True, ctx.eps, [need[0], need[1], need[2]])
+        return (grad_x, grad_g, grad_b_bn, None, None, None, None, None,
+                grad_w, grad_b, None, None, None, None)
+
+
+def _pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def _fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
+    from .distributed import SyncBatchNorm2d   # distributed imports layers; keep the import lazy
+    return (bn.training and torch.is_grad_enabled() and bn.affine and bn.track_running_stats
+            and bn.momentum is not None and not isinstance(bn, SyncBatchNorm2d)
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+
+
+def bn_act_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, weight: torch.Tensor,
+                bias: Optional[torch.Tensor], swish: bool, recompute: bool) -> torch.Tensor:
+    """``conv(silu(bn(x)))`` (or ``conv(bn(x))`` with ``swish=False``) with ``weight`` and ``bias``.
+
+    ``conv`` supplies stride, padding, dilation and groups; ``weight`` is the
+    weight it applies (normalised, for a weight-normalised conv). With
+    ``recompute``, in training with autograd, only ``x`` is kept for the
+    backward pass.
+    """
+    if (not recompute or not _fusable(x, bn) or conv.padding_mode != "zeros"
+            or isinstance(conv.padding, str)):
+        s = bn(x)
+        if swish:
+            s = F.silu(s)
+        return conv._conv_forward(s, weight, bias)
+    momentum = bn.momentum if getattr(bn, "update_stats", True) else 0.0
+    if momentum:
+        bn.num_batches_tracked.add_(1)
+    return _BNActConv.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, swish,
+                            weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -1,0 +1,167 @@
+"""The lean BN -> Swish -> conv chain computes exactly what the plain modules compute, and stores less."""
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nvae.fused as fused
+from nvae import NVAE, NVAEConfig
+from nvae.cells import InvertedResidual, ResConv
+from nvae.fused import bn_act_conv
+from nvae.layers import WNConv2d, batch_norm
+from nvae.objective import kl_balance_alpha, nvae_loss
+
+
+def _saved_bytes(fn):
+    """Bytes autograd keeps for the backward pass while ``fn`` runs (parameters excluded)."""
+    total = [0]
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+@pytest.mark.parametrize("swish", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("conv_kind", ["wn3x3", "depthwise5", "strided1x1"])
+def test_chain_matches_the_plain_modules(swish, channels_last, conv_kind):
+    torch.manual_seed(0)
+    c = 8
+    bn = batch_norm(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    if conv_kind == "wn3x3":
+        conv = WNConv2d(c, 12, 3, padding=1)
+    elif conv_kind == "depthwise5":
+        conv = nn.Conv2d(c, c, 5, padding=2, groups=c, bias=False)
+    else:
+        conv = nn.Conv2d(c, 6, 1, stride=2, bias=False)
+    bn_ref, conv_ref = copy.deepcopy(bn), copy.deepcopy(conv)
+    x = torch.randn(4, c, 10, 10) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+
+    def weight(m):
+        return m.normalized_weight() if isinstance(m, WNConv2d) else m.weight
+
+    out = bn_act_conv(x, bn, conv, weight(conv), conv.bias, swish, recompute=True)
+    s = bn_ref(x_ref)
+    s = F.silu(s) if swish else s
+    ref = conv_ref._conv_forward(s, weight(conv_ref), conv_ref.bias)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), p_ref in zip(list(bn.named_parameters()) + list(conv.named_parameters()),
+                                list(bn_ref.parameters()) + list(conv_ref.parameters())):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5, msg=name)
+    for name, b in bn.named_buffers():
+        torch.testing.assert_close(b, dict(bn_ref.named_buffers())[name], rtol=0, atol=0, msg=name)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_update_stats_off_leaves_running_statistics_alone():
+    bn, conv = batch_norm(4), nn.Conv2d(4, 4, 1)
+    bn.update_stats = False
+    before = {k: v.clone() for k, v in bn.named_buffers()}
+    bn_act_conv(torch.randn(3, 4, 5, 5, requires_grad=True), bn, conv, conv.weight, conv.bias, True, True).sum().backward()
+    for k, v in bn.named_buffers():
+        assert torch.equal(v, before[k]), k
+
+
+def test_separable_cell_keeps_far_less_for_backward():
+    torch.manual_seed(0)
+    cell = InvertedResidual(16, 16, 1, expansion=6, kernel_size=5)
+    cell_ref = copy.deepcopy(cell)
+    cell.recompute_bn = True
+    x = torch.randn(8, 16, 16, 16, requires_grad=True)
+    out, lean = _saved_bytes(lambda: cell(x))
+    ref, full = _saved_bytes(lambda: cell_ref(x))
+    # Hidden (6C) tensors kept: 2 instead of 6.
+    assert lean < 0.45 * full, (lean, full)
+    torch.testing.assert_close(out, ref)
+
+
+def test_residual_cell_keeps_less_for_backward():
+    torch.manual_seed(0)
+    cell = ResConv(16, 16, 1, norm=True, activation=F.silu)
+    cell_ref = copy.deepcopy(cell)
+    cell.recompute_bn = True
+    x = torch.randn(8, 16, 16, 16, requires_grad=True)
+    _, lean = _saved_bytes(lambda: cell(x))
+    _, full = _saved_bytes(lambda: cell_ref(x))
+    assert lean < 0.5 * full, (lean, full)
+
+
+def _step_grads(model, x, alpha):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    out = nvae_loss(model, x, beta=0.7, lam=1e-2, alpha=alpha)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_step_is_unchanged(channels_last, checkpointing):
+    """Loss, every gradient and every buffer after a step equal the op-by-op model's."""
+    cfg = dataclasses.replace(NVAEConfig.preset("mnist_small"), num_channels_enc=8, num_channels_dec=8)
+    torch.manual_seed(0)
+    model = NVAE(cfg).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(model)
+    model.set_recompute_bn(True).set_checkpointing(checkpointing)
+    assert sum(getattr(m, "recompute_bn", False) for m in model.modules()) > 10
+    x = (torch.rand(4, 1, 32, 32) > 0.5).float()
+    alpha = kl_balance_alpha(cfg.groups_per_scale)
+    loss, grads = _step_grads(model, x, alpha)
+    loss_ref, grads_ref = _step_grads(ref, x, alpha)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5, msg=n)
+    for (n, b), b_ref in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, b_ref, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_switch_off_runs_the_plain_modules(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused._BNActConv, "apply", lambda *a: calls.append(1))
+    bn, conv = batch_norm(4), nn.Conv2d(4, 4, 1)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    bn_act_conv(x, bn, conv, conv.weight, conv.bias, True, recompute=False)
+    assert not calls
+    bn_act_conv(x, bn, conv, conv.weight, conv.bias, True, recompute=True)
+    assert calls
+
+
+def test_plain_path_in_eval_and_without_autograd():
+    bn, conv = batch_norm(4), nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+    assert not fused._fusable(x, bn.eval())
+    bn.train()
+    with torch.no_grad():
+        assert not fused._fusable(x, bn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused._fusable(x, bn)
+    assert fused._fusable(x, bn)
+
+
+def test_synchronised_bn_is_never_fused():
+    """Its statistics come from every process: the op-by-op path all-reduces them."""
+    from nvae.distributed import SyncBatchNorm2d
+    bn = SyncBatchNorm2d(4).train()
+    assert not fused._fusable(torch.randn(2, 4, 3, 3), bn)
