@@ -168,3 +168,44 @@ def test_model_batchnorm_loss_covers_every_bn_layer():
     assert len(bns) > 10
     expected = sum(m.weight.abs().max().item() for m in bns)
     assert model.batchnorm_loss().item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_spectral_loss_reuses_the_forward_weights_with_the_same_gradients(checkpointing):
+    """L_SR on the forward pass's normalised weights (as the official code does) = on fresh ones."""
+    torch.manual_seed(0)
+    model = tiny_model().train().set_checkpointing(checkpointing)
+    fresh = tiny_model().train().set_checkpointing(checkpointing)
+    fresh.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 8, 8)
+    grads = []
+    for m, reuse in ((model, True), (fresh, False)):
+        torch.manual_seed(1)
+        out = m(x)
+        if not reuse:
+            for c in m.modules():
+                if isinstance(c, WNConv2d):
+                    c._forward_weight = None
+        wn = [c for c in m.modules() if isinstance(c, WNConv2d)]
+        taken = [c._forward_weight is not None for c in wn]
+        assert all(taken) == reuse
+        (out.recon.sum() + 3.0 * m.spectral_loss()).backward()
+        if not checkpointing:   # (the backward pass's recomputation of a cell stores anew)
+            assert all(c._forward_weight is None for c in wn)   # handed out once
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_spectral_loss_after_backward_or_an_update_uses_fresh_weights():
+    model = tiny_model().train()
+    x = torch.rand(2, 3, 8, 8)
+    model(x).recon.sum().backward()            # the forward weights' graph is freed here
+    model.spectral_loss().backward()           # so these must be computed anew: no error
+    model.spectral_loss().backward()
+    model(x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    conv = next(c for c in model.modules() if isinstance(c, WNConv2d))
+    torch.testing.assert_close(conv.take_forward_weight(), conv.normalized_weight())

@@ -41,7 +41,7 @@ class ResConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is not None and self.activation is F.silu and not self.upsample:
-            return bn_act_conv(x, self.bn, self.conv, self.conv.normalized_weight(), self.conv.bias, swish=True,
+            return bn_act_conv(x, self.bn, self.conv, self.conv.forward_weight(), self.conv.bias, swish=True,
                                recompute=self.recompute_bn)
         if self.bn is not None:
             x = self.bn(x)

@@ -50,18 +50,19 @@ class SpectralRegularizer(nn.Module):
     def _power_iteration(self, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, steps: int) -> None:
         for _ in range(steps):
             v.copy_(_normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1)))
-            u.copy_(_normalize(torch.bmm(w, v.unsqueeze(2)).squeeze(2)))
+            # W v as v^T W^T: on CPU a batched row-vector product is ~10x faster than a column one.
+            u.copy_(_normalize(torch.bmm(v.unsqueeze(1), w.transpose(1, 2)).squeeze(1)))
 
     def forward(self) -> torch.Tensor:
         """Sum of the estimated spectral norms; differentiable in the weights."""
         steps = self.num_power_iter * (1 if bool(self.initialized) else self.first_call_factor)
         sigmas = []
         for i, members in enumerate(self._groups):
-            w = torch.stack([effective_weight(c).flatten(1) for c in members])
+            w = torch.stack([effective_weight(c, reuse_forward=True).flatten(1) for c in members])
             u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
             self._power_iteration(w.detach().to(u.dtype), u, v, steps)
-            sigma = torch.bmm(u.unsqueeze(1).to(w.dtype), torch.bmm(w, v.unsqueeze(2).to(w.dtype)))
-            sigmas.append(sigma.sum())
+            sigma = (torch.bmm(u.unsqueeze(1).to(w.dtype), w).squeeze(1) * v.to(w.dtype)).sum()
+            sigmas.append(sigma)
         self.initialized.fill_(True)
         return torch.stack(sigmas).sum()
 
