@@ -48,3 +48,22 @@ def test_presets_command_lists_every_preset(capsys):
     out = capsys.readouterr().out
     for name in PRESETS:
         assert name in out
+
+
+def test_memory_options_reach_the_run(tmp_path, monkeypatch):
+    """--recompute-bn and --checkpointing are recorded in the run and switched on in the model it trains."""
+    import nvae.train as train_mod
+    seen = {}
+    original = train_mod.NVAE.set_recompute_bn
+
+    def spy(self, enabled=True):
+        seen["recompute_bn"] = enabled
+        return original(self, enabled)
+
+    monkeypatch.setattr(train_mod.NVAE, "set_recompute_bn", spy)
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--max-steps", "1", "--recompute-bn", "--checkpointing",
+                 "--model", "num_channels_enc=8", "--model", "num_channels_dec=8"]) == 0
+    stored = json.loads((run / "train_config.json").read_text())
+    assert stored["recompute_bn"] is True and stored["checkpointing"] is True
+    assert seen["recompute_bn"] is True

@@ -77,6 +77,8 @@ class WNConv2d(nn.Conv2d):
         once per step instead of twice.
         """
         w = self.normalized_weight()
+        if torch.compiler.is_compiling():   # keep the traced graph free of hooks and module state
+            return w
         self._forward_weight = None
         if w.requires_grad:
             token, module = object(), weakref.ref(self)
