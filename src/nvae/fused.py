@@ -32,7 +32,7 @@ class _BNActConv(torch.autograd.Function):
                 weight, bias, stride, padding, dilation, groups):
         y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var,
                                                   True, momentum, eps)
-        s = F.silu(y) if swish else y
+        s = F.silu(y, inplace=True) if swish else y   # y itself is not needed again
         out = F.conv2d(s, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
         ctx.conv = (stride, padding, dilation, groups, None if bias is None else bias.shape)
@@ -57,10 +57,11 @@ class _BNActConv(torch.autograd.Function):
             [True, need[8], bias_shape is not None and need[9]])
         del s
         if ctx.swish:
-            grad_y = torch.addcmul(grad_s * sig, y, torch.ops.aten.sigmoid_backward(grad_s, sig))
+            curvature = torch.ops.aten.sigmoid_backward(grad_s, sig)
+            grad_y = grad_s.mul_(sig).addcmul_(y, curvature)
         else:
             grad_y = grad_s
-        del y, sig, grad_s
+        del y, sig
         grad_x, grad_g, grad_b_bn = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, bn_weight, None, None, mean, invstd, True, ctx.eps, [need[0], need[1], need[2]])
         return (grad_x, grad_g, grad_b_bn, None, None, None, None, None,
