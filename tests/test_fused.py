@@ -81,28 +81,22 @@ def test_update_stats_off_leaves_running_statistics_alone():
         assert torch.equal(v, before[k]), k
 
 
-def test_separable_cell_keeps_far_less_for_backward():
+@pytest.mark.parametrize("make, bound", [
+    # separable: of the six hidden (6C) tensors autograd keeps, two remain
+    (lambda: InvertedResidual(16, 16, 1, expansion=6, kernel_size=5), 0.45),
+    # regular: BN input, BN output and Swish output become the BN input alone
+    (lambda: ResConv(16, 16, 1, norm=True, activation=F.silu), 0.5),
+], ids=["separable", "regular"])
+def test_cells_keep_far_less_for_backward(make, bound):
     torch.manual_seed(0)
-    cell = InvertedResidual(16, 16, 1, expansion=6, kernel_size=5)
+    cell = make()
     cell_ref = copy.deepcopy(cell)
     cell.recompute_bn = True
     x = torch.randn(8, 16, 16, 16, requires_grad=True)
     out, lean = _saved_bytes(lambda: cell(x))
     ref, full = _saved_bytes(lambda: cell_ref(x))
-    # Hidden (6C) tensors kept: 2 instead of 6.
-    assert lean < 0.45 * full, (lean, full)
+    assert lean < bound * full, (lean, full)
     torch.testing.assert_close(out, ref)
-
-
-def test_residual_cell_keeps_less_for_backward():
-    torch.manual_seed(0)
-    cell = ResConv(16, 16, 1, norm=True, activation=F.silu)
-    cell_ref = copy.deepcopy(cell)
-    cell.recompute_bn = True
-    x = torch.randn(8, 16, 16, 16, requires_grad=True)
-    _, lean = _saved_bytes(lambda: cell(x))
-    _, full = _saved_bytes(lambda: cell_ref(x))
-    assert lean < 0.5 * full, (lean, full)
 
 
 def _step_grads(model, x, alpha):
