@@ -21,6 +21,22 @@ from nvae.objective import kl_balance_alpha, nvae_loss
 from nvae.runtime import tune_cpu_allocator
 
 
+def saved_for_backward(forward) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``forward`` runs (each storage once, no parameters)."""
+    seen, total = set(), [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if not isinstance(t, torch.nn.Parameter) and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total[0] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return total[0]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mnist_small")
@@ -87,12 +103,17 @@ def main(argv=None) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    # (torch.compile traces its own saved tensors, which these hooks would not see)
+    saved_mb = None if a.compile else saved_for_backward(
+        lambda: nvae_loss(step_model, x, beta=0.5, lam=1e-2, alpha=alpha).loss) / 2 ** 20
     flags = " ".join(f for f, on in [("channels-last", a.channels_last), ("compile", a.compile),
                                      (f"checkpointing={a.checkpointing}", a.checkpointing),
                                      ("tuned-allocator", tuned), ("recompute-bn", a.recompute_bn)] if on)
     print(f"preset={a.preset} batch={a.batch} device={device} precision={a.precision} {flags}".rstrip())
     print(f"median step: {statistics.median(times):.3f} s  (min {min(times):.3f}, max {max(times):.3f}, n={len(times)})")
     print(f"peak RSS: {rss_gb:.2f} GB")
+    if saved_mb is not None:
+        print(f"activations saved for backward: {saved_mb:.0f} MB")
     if device.type == "cuda":
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GB")
 
