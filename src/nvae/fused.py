@@ -4,14 +4,15 @@ Written op by op, autograd stores three tensors of the same size for this chain:
 the BN input, the BN output (for Swish's derivative) and the Swish output (for the
 convolution's weight gradient). The last two are cheap to recompute from the
 first and the batch statistics, so :class:`_BNActConv` stores the first only and
-recomputes the other two in the backward pass (``NVAE.set_recompute_bn``). In the separable cells this is
-two thirds of every expanded (6C) activation, the bulk of the model's memory.
-On a CPU the recomputation (one sigmoid per element) costs more time than it
-saves, so it is a switch, like gradient checkpointing.
+recomputes the other two in the backward pass. In the separable cells this is
+four of the six expanded (6C) tensors, the bulk of the model's memory. The
+recomputation costs time (2% of a ``mnist_small`` step on two CPU threads, 8% on
+one), so it is a switch, ``NVAE.set_recompute_bn``, like gradient checkpointing.
 
-The forward values, the running-statistics update and the gradients are those of
-``conv(act(bn(x)))``: the same ATen kernels run, in the same order. The chain
-falls back to the plain modules wherever the saving does not apply or the
+The forward values and the running-statistics update are exactly those of
+``conv(act(bn(x)))`` (the same kernels run); the gradients agree to rounding
+(Swish's derivative is formed from the one sigmoid the recomputation needs). The
+chain falls back to the plain modules wherever the saving does not apply or the
 recomputation would be wrong: evaluation, no autograd, autocast (the saved
 tensors would not have the dtypes the backward pass sees), ``torch.compile``
 (which plans recomputation itself) and synchronised BN (whose statistics come
@@ -24,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .distributed import SyncBatchNorm2d
 
 
 class _BNActConv(torch.autograd.Function):
@@ -73,7 +76,6 @@ def _pair(v):
 
 
 def _fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
-    from .distributed import SyncBatchNorm2d   # distributed imports layers; keep the import lazy
     return (bn.training and torch.is_grad_enabled() and bn.affine and bn.track_running_stats
             and bn.momentum is not None and not isinstance(bn, SyncBatchNorm2d)
             and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
