@@ -31,7 +31,8 @@ def _saved_bytes(fn):
 
 @pytest.mark.parametrize("swish", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("conv_kind", ["wn3x3", "depthwise5", "strided1x1"])
+@pytest.mark.parametrize("conv_kind", ["wn3x3", "depthwise5", "strided1x1", "pointwise", "dilated3x3", "grouped3x3",
+                                       "valid3x3"])
 def test_chain_matches_the_plain_modules(swish, channels_last, conv_kind):
     torch.manual_seed(0)
     c = 8
@@ -43,8 +44,16 @@ def test_chain_matches_the_plain_modules(swish, channels_last, conv_kind):
         conv = WNConv2d(c, 12, 3, padding=1)
     elif conv_kind == "depthwise5":
         conv = nn.Conv2d(c, c, 5, padding=2, groups=c, bias=False)
-    else:
+    elif conv_kind == "strided1x1":
         conv = nn.Conv2d(c, 6, 1, stride=2, bias=False)
+    elif conv_kind == "pointwise":
+        conv = nn.Conv2d(c, 6, 1, bias=False)
+    elif conv_kind == "dilated3x3":     # res_bnswish5: the input gradient is a dilated convolution too
+        conv = WNConv2d(c, 12, 3, padding=2, dilation=2)
+    elif conv_kind == "grouped3x3":     # kernels transposed within each group for the input gradient
+        conv = nn.Conv2d(c, 12, 3, padding=1, groups=2)
+    else:                               # no padding: the input gradient convolution pads by k - 1
+        conv = nn.Conv2d(c, 12, 3, padding=0)
     bn_ref, conv_ref = copy.deepcopy(bn), copy.deepcopy(conv)
     x = torch.randn(4, c, 10, 10) * 3 + 1
     if channels_last:
