@@ -6,7 +6,7 @@ convolution's weight gradient). The last two are cheap to recompute from the
 first and the batch statistics, so :class:`_BNActConv` stores the first only and
 recomputes the other two in the backward pass. In the separable cells this is
 four of the six expanded (6C) tensors, the bulk of the model's memory. The
-recomputation costs time (about 5% of a ``mnist_small`` step and 15% of a
+recomputation costs time (about 5% of a ``mnist_small`` step and 15-20% of a
 ``mnist`` step on two CPU threads), so it is a switch, ``NVAE.set_recompute_bn``,
 like gradient checkpointing. The backward pass keeps at most three expanded
 tensors alive at once, and for stride-1 convolutions it forms the input gradient

@@ -1,0 +1,89 @@
+"""Training-step time of several memory options, as ratios measured in one process.
+
+Step times on a shared machine drift by 10-20% over minutes, more than the
+differences between these options, so separate runs of ``train_step.py``
+cannot rank them. Here one model takes its steps under each option in turn,
+round after round, and each option's median is divided by the first's. (Peak
+memory is per process: measure it with ``train_step.py``.)
+
+    python benchmarks/step_ratios.py --preset mnist_small --channels-last \\
+        plain recompute-bn recompute-bn+checkpointing=normal_post,up_post
+
+An option is ``plain`` or ``+``-joined parts: ``recompute-bn``,
+``checkpointing`` (every cell) or ``checkpointing=ROLE,ROLE``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import List, Optional, Tuple
+
+import torch
+
+from nvae import NVAE, NVAEConfig
+from nvae.objective import kl_balance_alpha, nvae_loss
+from nvae.runtime import tune_cpu_allocator
+
+DEFAULT_OPTIONS = ["plain", "recompute-bn", "recompute-bn+checkpointing=normal_post,up_post",
+                   "recompute-bn+checkpointing=normal_post,up_post,normal_dec,up_dec"]
+
+
+def parse_option(text: str) -> Tuple[bool, bool, Optional[List[str]]]:
+    """``(recompute_bn, checkpointing, roles)`` of an option string."""
+    recompute, ckpt, roles = False, False, None
+    if text != "plain":
+        for part in text.split("+"):
+            name, _, value = part.partition("=")
+            if name == "recompute-bn" and not value:
+                recompute = True
+            elif name == "checkpointing":
+                ckpt, roles = True, (value.split(",") if value else None)
+            else:
+                raise SystemExit(f"error: unknown option part {part!r} in {text!r}; "
+                                 "use plain, recompute-bn, checkpointing or checkpointing=ROLE,ROLE")
+    return recompute, ckpt, roles
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("options", nargs="*", default=DEFAULT_OPTIONS)
+    p.add_argument("--preset", default="mnist_small")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds (one step per option each)")
+    p.add_argument("--channels-last", action="store_true")
+    a = p.parse_args(argv)
+    options = [(text, *parse_option(text)) for text in a.options]
+    tune_cpu_allocator()
+    torch.manual_seed(0)
+    cfg = NVAEConfig.preset(a.preset)
+    model = NVAE(cfg)
+    if a.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
+    alpha = kl_balance_alpha(cfg.groups_per_scale)
+    x = (torch.rand(a.batch, cfg.in_channels, cfg.image_size, cfg.image_size) > 0.5).float()
+    if cfg.decoder != "bernoulli":
+        x = torch.floor(x * 255) / 255
+    times = {text: [] for text, *_ in options}
+    for round_ in range(a.rounds + 1):          # round 0 warms every option up
+        for text, recompute, ckpt, roles in options:
+            model.set_recompute_bn(recompute)
+            model.set_checkpointing(ckpt, roles)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            nvae_loss(model, x, beta=0.5, lam=1e-2, alpha=alpha).loss.backward()
+            opt.step()
+            if round_:
+                times[text].append(time.perf_counter() - t0)
+    base = statistics.median(times[options[0][0]])
+    print(f"preset={a.preset} batch={a.batch}{' channels-last' if a.channels_last else ''} rounds={a.rounds}")
+    for text, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{text:70s} median {med:.3f} s  x{med / base:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
