@@ -67,3 +67,36 @@ def test_memory_options_reach_the_run(tmp_path, monkeypatch):
     stored = json.loads((run / "train_config.json").read_text())
     assert stored["recompute_bn"] is True and stored["checkpointing"] is True
     assert seen["recompute_bn"] is True
+
+
+def test_checkpointing_roles_reach_the_model_and_survive_resume(tmp_path, monkeypatch):
+    """--checkpointing ROLES recomputes only those cells, is stored, and a resume keeps it without complaint."""
+    import nvae.train as train_mod
+    seen = []
+    original = train_mod.NVAE.set_checkpointing
+
+    def spy(self, enabled=True, roles=None):
+        seen.append((enabled, roles))
+        out = original(self, enabled, roles)
+        seen.append({c.role: c.checkpointing for c in self.modules() if hasattr(c, "checkpointing")})
+        return out
+
+    monkeypatch.setattr(train_mod.NVAE, "set_checkpointing", spy)
+    run = tmp_path / "run"
+    small = ["--model", "num_channels_enc=8", "--model", "num_channels_dec=8"]
+    assert main(["train", "--run-dir", str(run), "--max-steps", "1", "--checkpointing", "normal_post,up_post",
+                 "--checkpoint-every", "1"] + small) == 0
+    stored = json.loads((run / "train_config.json").read_text())
+    assert stored["checkpointing"] is True and stored["checkpointing_roles"] == ["normal_post", "up_post"]
+    assert seen[0] == (True, ("normal_post", "up_post"))
+    flags = seen[1]
+    assert flags["normal_post"] and flags["up_post"] and not flags["normal_dec"] and not flags["normal_enc"]
+    assert main(["train", "--resume", str(run), "--max-steps", "2"]) == 0
+    assert seen[2] == (True, ("normal_post", "up_post"))
+
+
+def test_unknown_checkpointing_role_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--max-steps", "1", "--checkpointing", "normal_dex"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown cell role(s) ['normal_dex']" in err and "normal_dec" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

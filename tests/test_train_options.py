@@ -1,6 +1,7 @@
 """Precision, memory format, gradient checkpointing and torch.compile leave the training step's
 loss and gradients unchanged (within each option's tolerance)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -83,3 +84,16 @@ def test_compiled_forward_gives_the_same_step(pair):
     la, _ = step(a, x)
     lb, _ = step(compiled, x)
     assert torch.allclose(la, lb, rtol=1e-4)
+
+
+def test_checkpointing_roles_config():
+    """Roles arrive as a tuple from a list (JSON), a comma string (overrides) or a tuple, and are checked."""
+    from nvae.train import TrainConfig
+    cfg = TrainConfig(checkpointing=True, checkpointing_roles=["normal_post", "up_post"])
+    assert cfg.checkpointing_roles == ("normal_post", "up_post")
+    assert TrainConfig(checkpointing=True, checkpointing_roles="normal_post, up_post") == cfg
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown cell role"):
+        TrainConfig(checkpointing=True, checkpointing_roles=("post",))
+    with pytest.raises(ValueError, match="needs checkpointing=True"):
+        TrainConfig(checkpointing_roles=("normal_post",))

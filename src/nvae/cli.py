@@ -33,6 +33,8 @@ def _parse_overrides(items: List[str], cls) -> dict:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
                 out[key] = value.lower() in ("true", "1", "yes")
+            elif "Tuple" in kind:
+                out[key] = tuple(v.strip() for v in value.split(","))
             elif "int" in kind:
                 out[key] = int(value)
             elif "float" in kind:
@@ -65,9 +67,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                          max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
                                          precision=args.precision, checkpoint_every=args.checkpoint_every).items()
                 if v is not None}
-    for flag in ("channels_last", "checkpointing", "recompute_bn", "deterministic", "strict_data"):
+    for flag in ("channels_last", "recompute_bn", "deterministic", "strict_data"):
         if getattr(args, flag):
             explicit[flag] = True
+    if args.checkpointing:
+        explicit["checkpointing"] = True
+        if args.checkpointing != "all":
+            explicit["checkpointing_roles"] = tuple(r.strip() for r in args.checkpointing.split(","))
     model_over = _parse_overrides(args.model, NVAEConfig)
     train_over = {**explicit, **_parse_overrides(args.train, TrainConfig)}
     if args.resume and args.preset is None:
@@ -448,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on CPU)")
-    p.add_argument("--checkpointing", action="store_true", help="recompute cells in backward to save memory")
+    p.add_argument("--checkpointing", nargs="?", const="all", default=None, metavar="ROLES",
+                   help="recompute cells in backward to save memory: every cell, or only the comma-separated "
+                        "cell roles given (e.g. normal_post,up_post)")
     p.add_argument("--recompute-bn", action="store_true",
                    help="store only BN inputs and recompute BN + Swish in backward (less memory, a little slower)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")

@@ -20,13 +20,14 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from .cells import STRIDES
 from .checkpoint import CheckpointError, read_checkpoint, save_png
 from .config import NVAEConfig
 from .data import build_dataset, prepare_batch
@@ -65,6 +66,8 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     checkpointing: bool = False
+    #: with ``checkpointing``, the cell roles to recompute (None: every cell), e.g. ("normal_post", "up_post")
+    checkpointing_roles: Optional[Tuple[str, ...]] = None
     recompute_bn: bool = False           #: store BN inputs only; recompute BN and Swish in backward
     log_every: int = 50
     image_every: int = 500
@@ -96,9 +99,20 @@ class TrainConfig:
             raise ValueError(f"rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}")
         if self.max_consecutive_skips < 0:
             raise ValueError(f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
+        if self.checkpointing_roles is not None:
+            roles = self.checkpointing_roles
+            roles = tuple(r.strip() for r in roles.split(",")) if isinstance(roles, str) else tuple(roles)
+            object.__setattr__(self, "checkpointing_roles", roles)   # JSON brings a list
+            unknown = sorted(set(roles) - set(STRIDES))
+            if not roles or unknown:
+                raise ValueError(f"checkpointing_roles: unknown cell role(s) {unknown or roles}; choose from "
+                                 f"{sorted(STRIDES)}")
+            if not self.checkpointing:
+                raise ValueError("checkpointing_roles needs checkpointing=True (nvae train --checkpointing ROLES)")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # Lists, as JSON gives them back, so a stored config compares equal to its reload.
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -359,7 +373,7 @@ def _train(model_config: NVAEConfig, cfg: TrainConfig, run_dir: Path, data_root:
     model = NVAE(model_config).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model.set_checkpointing(cfg.checkpointing)
+    model.set_checkpointing(cfg.checkpointing, cfg.checkpointing_roles)
     model.set_recompute_bn(cfg.recompute_bn)
     net = wrap_model(model, dist_ctx)
     opt = torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate, eps=1e-3, weight_decay=cfg.weight_decay)
