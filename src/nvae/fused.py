@@ -6,8 +6,8 @@ convolution's weight gradient). The last two are cheap to recompute from the
 first and the batch statistics, so :class:`_BNActConv` stores the first only and
 recomputes the other two in the backward pass. In the separable cells this is
 four of the six expanded (6C) tensors, the bulk of the model's memory. The
-recomputation costs time (about 5% of a ``mnist_small`` step and 15-20% of a
-``mnist`` step on two CPU threads), so it is a switch, ``NVAE.set_recompute_bn``,
+recomputation costs time (5-7% of a ``mnist_small`` or ``mnist`` step on two CPU
+threads, ``benchmarks/step_ratios.py``), so it is a switch, ``NVAE.set_recompute_bn``,
 like gradient checkpointing. The backward pass keeps at most three expanded
 tensors alive at once, and for stride-1 convolutions it forms the input gradient
 as a forward convolution with the transposed kernel (see :func:`_transposed_conv`).
