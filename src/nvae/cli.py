@@ -33,8 +33,6 @@ def _parse_overrides(items: List[str], cls) -> dict:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
                 out[key] = value.lower() in ("true", "1", "yes")
-            elif "Tuple" in kind:
-                out[key] = tuple(v.strip() for v in value.split(","))
             elif "int" in kind:
                 out[key] = int(value)
             elif "float" in kind:
@@ -73,7 +71,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.checkpointing:
         explicit["checkpointing"] = True
         if args.checkpointing != "all":
-            explicit["checkpointing_roles"] = tuple(r.strip() for r in args.checkpointing.split(","))
+            explicit["checkpointing_roles"] = args.checkpointing   # TrainConfig splits the commas
     model_over = _parse_overrides(args.model, NVAEConfig)
     train_over = {**explicit, **_parse_overrides(args.train, TrainConfig)}
     if args.resume and args.preset is None:
