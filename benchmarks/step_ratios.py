@@ -18,13 +18,17 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 
-from nvae import NVAE, NVAEConfig
-from nvae.objective import kl_balance_alpha, nvae_loss
+from nvae.cells import cell_roles
+from nvae.objective import nvae_loss
 from nvae.runtime import tune_cpu_allocator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import setup  # noqa: E402  (the benchmark beside this one)
 
 DEFAULT_OPTIONS = ["plain", "recompute-bn", "recompute-bn+checkpointing=normal_post,up_post",
                    "recompute-bn+checkpointing=normal_post,up_post,normal_dec,up_dec"]
@@ -39,7 +43,10 @@ def parse_option(text: str) -> Tuple[bool, bool, Optional[List[str]]]:
             if name == "recompute-bn" and not value:
                 recompute = True
             elif name == "checkpointing":
-                ckpt, roles = True, (value.split(",") if value else None)
+                try:
+                    ckpt, roles = True, (list(cell_roles(value)) if value else None)
+                except ValueError as e:
+                    raise SystemExit(f"error: {e}") from None
             else:
                 raise SystemExit(f"error: unknown option part {part!r} in {text!r}; "
                                  "use plain, recompute-bn, checkpointing or checkpointing=ROLE,ROLE")
@@ -56,17 +63,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     options = [(text, *parse_option(text)) for text in a.options]
     tune_cpu_allocator()
-    torch.manual_seed(0)
-    cfg = NVAEConfig.preset(a.preset)
-    model = NVAE(cfg)
-    if a.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
-    alpha = kl_balance_alpha(cfg.groups_per_scale)
-    x = (torch.rand(a.batch, cfg.in_channels, cfg.image_size, cfg.image_size) > 0.5).float()
-    if cfg.decoder != "bernoulli":
-        x = torch.floor(x * 255) / 255
+    _, model, opt, alpha, x = setup(a.preset, a.batch, torch.device("cpu"), a.channels_last)
     times = {text: [] for text, *_ in options}
     for round_ in range(a.rounds + 1):          # round 0 warms every option up
         for text, recompute, ckpt, roles in options:

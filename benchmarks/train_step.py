@@ -37,6 +37,22 @@ def saved_for_backward(forward) -> int:
     return total[0]
 
 
+def setup(preset: str, batch: int, device: torch.device, channels_last: bool):
+    """``(config, model in training mode, Adamax as in training, KL-balance alpha, a random batch)``."""
+    torch.manual_seed(0)
+    cfg = NVAEConfig.preset(preset)
+    model = NVAE(cfg).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
+    alpha = kl_balance_alpha(cfg.groups_per_scale).to(device)
+    x = (torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) > 0.5).float()
+    if cfg.decoder != "bernoulli":
+        x = torch.floor(x * 255) / 255
+    return cfg, model, opt, alpha, x
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mnist_small")
@@ -59,17 +75,10 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    torch.manual_seed(0)
-    cfg = NVAEConfig.preset(a.preset)
-    model = NVAE(cfg).to(device)
-    if a.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    cfg, model, opt, alpha, x = setup(a.preset, a.batch, device, a.channels_last)
     if a.checkpointing:
         model.set_checkpointing(True, None if a.checkpointing == "all" else a.checkpointing.split(","))
     model.set_recompute_bn(a.recompute_bn)
-    model.train()
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
-    alpha = kl_balance_alpha(cfg.groups_per_scale).to(device)
     step_model = torch.compile(model) if a.compile else model
     # The spectral/BN terms need the real module; compile only the forward.
     if a.compile:
@@ -77,9 +86,6 @@ def main(argv=None) -> None:
         step_model.batchnorm_loss = model.batchnorm_loss
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "fp16")
-    x = (torch.rand(a.batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) > 0.5).float()
-    if cfg.decoder != "bernoulli":
-        x = torch.floor(x * 255) / 255
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)

@@ -21,6 +21,8 @@ def test_option_strings():
 def test_unknown_option_part_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown option part 'recompute'"):
         step_ratios.parse_option("recompute+checkpointing")
+    with pytest.raises(SystemExit, match=r"unknown cell role\(s\) \['post'\]"):
+        step_ratios.parse_option("checkpointing=post")
 
 
 def test_tiny_run_prints_a_ratio_per_option(capsys):

@@ -52,6 +52,8 @@ def test_checkpointing_only_some_roles(pair):
     b.set_checkpointing(True, roles=["normal_dec"])
     flags = {c.role: c.checkpointing for c in b.modules() if hasattr(c, "checkpointing")}
     assert flags["normal_dec"] and not flags["normal_enc"] and not flags["up_post"]
+    with pytest.raises(ValueError, match=r"unknown cell role\(s\) \['normal_dex'\]"):
+        b.set_checkpointing(True, roles=["normal_dex"])     # a typo would otherwise checkpoint nothing
 
 
 def test_channels_last_gives_the_same_step(pair):

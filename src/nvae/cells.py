@@ -5,7 +5,7 @@ table per cell role, so the ablations of the paper are configuration.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,15 @@ from .layers import BatchNorm2d, FactorizedReduce, SqueezeExcitation, UpsampleSk
 # -1 doubles it (channels / 2).
 STRIDES = {"normal_pre": 1, "down_pre": 2, "normal_enc": 1, "down_enc": 2,
            "normal_dec": 1, "up_dec": -1, "normal_post": 1, "up_post": -1}
+
+
+def cell_roles(roles) -> Tuple[str, ...]:
+    """``roles`` (names, or one comma-separated string) as a tuple, checked against :data:`STRIDES`."""
+    roles = tuple(r.strip() for r in roles.split(",")) if isinstance(roles, str) else tuple(roles)
+    unknown = sorted(set(roles) - set(STRIDES))
+    if not roles or unknown:
+        raise ValueError(f"unknown cell role(s) {unknown or list(roles)}; choose from {sorted(STRIDES)}")
+    return roles
 
 
 class ResConv(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cells import ARCH_INSTANCES, Cell, DecCombiner, EncCombiner
+from .cells import ARCH_INSTANCES, Cell, DecCombiner, EncCombiner, cell_roles
 from .config import NVAEConfig
 from .distributions import Normal, ResidualNormal, output_distribution, sum_log_prob
 from .flows import PairedFlowCell
@@ -417,6 +417,7 @@ class NVAE(nn.Module):
         ``roles`` restricts it to some cell roles (e.g. ``["normal_dec", "up_dec",
         "normal_post", "up_post"]``: the generative model's wide separable cells).
         """
+        roles = None if roles is None else cell_roles(roles)
         for cell in self.modules():
             if isinstance(cell, Cell):
                 cell.checkpointing = enabled and (roles is None or cell.role in roles)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .cells import STRIDES
+from .cells import cell_roles
 from .checkpoint import CheckpointError, read_checkpoint, save_png
 from .config import NVAEConfig
 from .data import build_dataset, prepare_batch
@@ -100,13 +100,10 @@ class TrainConfig:
         if self.max_consecutive_skips < 0:
             raise ValueError(f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
         if self.checkpointing_roles is not None:
-            roles = self.checkpointing_roles
-            roles = tuple(r.strip() for r in roles.split(",")) if isinstance(roles, str) else tuple(roles)
-            object.__setattr__(self, "checkpointing_roles", roles)   # JSON brings a list
-            unknown = sorted(set(roles) - set(STRIDES))
-            if not roles or unknown:
-                raise ValueError(f"checkpointing_roles: unknown cell role(s) {unknown or roles}; choose from "
-                                 f"{sorted(STRIDES)}")
+            try:   # JSON brings a list, overrides a comma-separated string
+                object.__setattr__(self, "checkpointing_roles", cell_roles(self.checkpointing_roles))
+            except ValueError as e:
+                raise ValueError(f"checkpointing_roles: {e}") from None
             if not self.checkpointing:
                 raise ValueError("checkpointing_roles needs checkpointing=True (nvae train --checkpointing ROLES)")
 
