@@ -535,10 +535,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings_from(a: argparse.Namespace) -> Settings:
     from nvae import NVAEConfig
-    from nvae.cli import _parse_overrides
+    from nvae.config import parse_overrides
     minutes = a.minutes_per_run if a.minutes_per_run is not None else (None if (a.epochs or a.steps) else 2.0)
     return Settings(dataset=a.dataset, data=a.data, preset=a.preset or f"cpu_{a.dataset}",
-                    model=tuple(_parse_overrides(a.model, NVAEConfig).items()), batch_size=a.batch_size,
+                    model=tuple(parse_overrides(a.model, NVAEConfig).items()), batch_size=a.batch_size,
                     train_images=a.train_images, test_images=a.test_images, num_samples=a.num_samples,
                     minutes=minutes, budget=a.budget or ("cpu" if a.device == "cpu" else "wall"), epochs=a.epochs, warmup_epochs=a.warmup_epochs, max_steps=a.steps,
                     device=a.device, threads=a.threads, channels_last=not a.no_channels_last, precision=a.precision,

@@ -39,10 +39,10 @@ def main(argv=None) -> None:
                    help="TrainConfig overrides, as in `nvae train`")
     a = p.parse_args(argv)
     tune_cpu_allocator()
-    from nvae.cli import _parse_overrides
+    from nvae.config import parse_overrides
     model_cfg = NVAEConfig.preset(a.preset)
     base = TrainConfig.preset(a.preset)
-    overrides = dict(max_minutes=a.minutes, channels_last=a.channels_last, **_parse_overrides(a.train, TrainConfig))
+    overrides = dict(max_minutes=a.minutes, channels_last=a.channels_last, **parse_overrides(a.train, TrainConfig))
     if a.epochs:
         overrides["epochs"] = a.epochs
         overrides.setdefault("warmup_epochs", min(base.warmup_epochs, a.epochs))   # an explicit --train wins

@@ -1,4 +1,6 @@
 """Weight-normalised convolution (and its data-dependent init), factorized reduce, squeeze-excitation."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,39 @@ def test_factorized_reduce_branch_shifts():
         fr(x)[0, ch, 0, 0].backward()
         seen.append(tuple(x.grad[0, 0].nonzero()[0].tolist()))
     assert seen == [(0, 0), (1, 1), (0, 1), (1, 0)]
+
+
+def test_factorized_reduce_equals_the_official_shifted_stride_2_convs():
+    # The official form: stride-2 1x1 convs on the input shifted by (0,0), (1,1), (0,1), (1,0).
+    fr = FactorizedReduce(3, 10).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    s = F.silu(x)
+    shifted = [s, s[:, :, 1:, 1:], s[:, :, :, 1:], s[:, :, 1:, :]]
+    convs = [fr.conv_1, fr.conv_2, fr.conv_3, fr.conv_4]
+    official = torch.cat([F.conv2d(xs, c.normalized_weight(), c.bias, stride=2) for c, xs in zip(convs, shifted)], 1)
+    assert torch.allclose(fr(x), official, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c_in,c_out,size,batch", [(2, 8, 32, 4), (2, 8, 16, 32), (3, 4, 16, 32), (4, 8, 32, 4),
+                                                   (16, 32, 16, 8)])
+def test_factorized_reduce_channels_last_gradients_match_float64(c_in, c_out, size, batch):
+    # On AVX2 CPUs oneDNN's stride-2 1x1 weight-gradient kernel gave wrong weight gradients
+    # (and corrupted the heap) for these narrow shapes in channels-last, not on every call:
+    # three tries each.
+    ref = FactorizedReduce(c_in, c_out).double()
+    fast = copy.deepcopy(ref).float().to(memory_format=torch.channels_last)
+    for _ in range(3):
+        x = torch.randn(batch, c_in, size, size, dtype=torch.float64)
+        grad = torch.randn(batch, c_out, size // 2, size // 2, dtype=torch.float64)
+        results = []
+        for module, xs, gs in [(ref, x, grad), (fast, x.float().contiguous(memory_format=torch.channels_last),
+                                                grad.float().contiguous(memory_format=torch.channels_last))]:
+            module.zero_grad(set_to_none=True)
+            xs = xs.detach().requires_grad_()
+            module(xs).backward(gs)
+            results.append([xs.grad.double()] + [p.grad.double() for p in module.parameters()])
+        for a, b in zip(*results):
+            assert torch.allclose(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
 
 
 @pytest.mark.parametrize("channels,hidden", [(4, 4), (16, 4), (63, 4), (64, 4), (65, 4), (80, 5), (256, 16)])

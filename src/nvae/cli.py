@@ -16,34 +16,6 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_overrides(items: List[str], cls) -> dict:
-    """``KEY=VALUE`` strings -> typed field values of the dataclass ``cls``."""
-    import dataclasses
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"bad override {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        kind = str(fields[key].type)
-        try:
-            if "Optional" in kind and value.lower() == "none":
-                out[key] = None
-            elif "bool" in kind:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                out[key] = value.lower() in ("true", "1", "yes")
-            elif "int" in kind:
-                out[key] = int(value)
-            elif "float" in kind:
-                out[key] = float(value)
-            else:
-                out[key] = value
-        except ValueError:
-            raise ValueError(f"override {key}={value!r}: expected a value of type {kind}") from None
-    return out
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
     import os
@@ -51,6 +23,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import NVAEConfig
+    from .config import parse_overrides
     from .train import TRAIN_PRESETS, TrainConfig, TrainingInterrupted, stored_run_configs, train
 
     run_dir = Path(args.run_dir) if args.run_dir else None
@@ -72,8 +45,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         explicit["checkpointing"] = True
         if args.checkpointing != "all":
             explicit["checkpointing_roles"] = args.checkpointing   # TrainConfig splits the commas
-    model_over = _parse_overrides(args.model, NVAEConfig)
-    train_over = {**explicit, **_parse_overrides(args.train, TrainConfig)}
+    model_over = parse_overrides(args.model, NVAEConfig)
+    train_over = {**explicit, **parse_overrides(args.train, TrainConfig)}
     if args.resume and args.preset is None:
         # Continue under the stored configs; train() refuses overrides that would change the run.
         stored_model, stored_train, _ = stored_run_configs(run_dir)

@@ -9,7 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Sequence, Tuple
 
 DECODERS = ("bernoulli", "mixture", "normal")
 
@@ -169,6 +169,34 @@ class NVAEConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def parse_overrides(items: Sequence[str], cls) -> dict:
+    """``KEY=VALUE`` strings (as ``nvae train --model`` / ``--train`` take them) -> typed field values of the
+    dataclass ``cls``, ready for ``dataclasses.replace``; ``none`` sets an ``Optional`` field to None."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"bad override {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        kind = str(fields[key].type)
+        try:
+            if "Optional" in kind and value.lower() == "none":
+                out[key] = None
+            elif "bool" in kind:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                out[key] = value.lower() in ("true", "1", "yes")
+            elif "int" in kind:
+                out[key] = int(value)
+            elif "float" in kind:
+                out[key] = float(value)
+            else:
+                out[key] = value
+        except ValueError:
+            raise ValueError(f"override {key}={value!r}: expected a value of type {kind}") from None
+    return out
 
 
 def _preset(**kw) -> NVAEConfig:

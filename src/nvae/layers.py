@@ -153,23 +153,32 @@ class SqueezeExcitation(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-    """Down-sampling skip: Swish, then four stride-2 1x1 convs on shifted inputs, concatenated.
+    """Down-sampling skip: Swish, then four 1x1 convs, each on one of the four 2x2 sub-grids, concatenated.
 
-    The shifts (0,0), (1,1), (0,1), (1,0) let the four convs together see every input pixel.
+    The official code applies stride-2 1x1 convs to the input shifted by (0,0),
+    (1,1), (0,1), (1,0); a stride-2 1x1 conv reads exactly the pixels of one
+    sub-grid, so taking every second pixel first and convolving with stride 1
+    gives the same outputs from the same weights. It also reads a quarter of the
+    input, and it keeps off oneDNN's AVX2 stride-2 1x1 weight-gradient kernel,
+    which for narrow channel counts in channels-last returns wrong weight
+    gradients and corrupts the heap (``benchmarks/conv_kernels.py``).
     """
+
+    #: (row, column) offset of each conv's sub-grid, in the official order.
+    OFFSETS = ((0, 0), (1, 1), (0, 1), (1, 0))
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         quarter = out_channels // 4
-        self.conv_1 = WNConv2d(in_channels, quarter, 1, stride=2)
-        self.conv_2 = WNConv2d(in_channels, quarter, 1, stride=2)
-        self.conv_3 = WNConv2d(in_channels, quarter, 1, stride=2)
-        self.conv_4 = WNConv2d(in_channels, out_channels - 3 * quarter, 1, stride=2)
+        self.conv_1 = WNConv2d(in_channels, quarter, 1)
+        self.conv_2 = WNConv2d(in_channels, quarter, 1)
+        self.conv_3 = WNConv2d(in_channels, quarter, 1)
+        self.conv_4 = WNConv2d(in_channels, out_channels - 3 * quarter, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.silu(x)
-        return torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:]),
-                          self.conv_3(x[:, :, :, 1:]), self.conv_4(x[:, :, 1:, :])], dim=1)
+        convs = (self.conv_1, self.conv_2, self.conv_3, self.conv_4)
+        return torch.cat([conv(x[:, :, i::2, j::2]) for conv, (i, j) in zip(convs, self.OFFSETS)], dim=1)
 
 
 class UpsampleSkip(nn.Module):
