@@ -324,8 +324,8 @@ def test_benchmark_prints_the_papers_numbers_and_na_elsewhere():
 
 @needs_shared("data", "MNIST")
 def test_benchmark_row_trains_and_evaluates_in_process(tmp_path, monkeypatch):
-    import nvae.data
-    monkeypatch.setattr(nvae.data, "_REGISTRY", dict(nvae.data._REGISTRY))   # keep the subset registration local
+    import nvae.data.registry as registry
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))   # keep the subset registration local
     ab = _ablations()
     settings = ab.Settings(data=str(DATA), batch_size=4, train_images=8, test_images=3, num_samples=2, minutes=None,
                            max_steps=2, threads=0, probe_steps=1,

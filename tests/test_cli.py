@@ -6,6 +6,7 @@ import torch
 
 from nvae import NVAE
 from nvae.cli import main
+from nvae.memory import checkpointed_roles
 
 
 def test_train_digits_writes_a_complete_run(tmp_path):
@@ -78,7 +79,7 @@ def test_checkpointing_roles_reach_the_model_and_survive_resume(tmp_path, monkey
     def spy(self, enabled=True, roles=None):
         seen.append((enabled, roles))
         out = original(self, enabled, roles)
-        seen.append({c.role: c.checkpointing for c in self.modules() if hasattr(c, "checkpointing")})
+        seen.append(checkpointed_roles(self))
         return out
 
     monkeypatch.setattr(train_mod.NVAE, "set_checkpointing", spy)

@@ -16,7 +16,8 @@ from gloo import WORLD, spawn
 from nvae import NVAE, NVAEConfig
 from nvae.distributed import (DistributedContext, SyncBatchNorm2d, convert_sync_batchnorm, init_distributed,
                               torchrun_env, wrap_model)
-from nvae.layers import BatchNorm2d, batch_norm
+from nvae.layers import batch_norm
+from nvae.memory import frozen_batch_statistics
 from nvae.objective import kl_balance_alpha
 from nvae.train import train_step
 
@@ -69,9 +70,9 @@ def _bn_worker(rank: int) -> dict:
     first = {"out": out.detach(), "x_grad": x_local.grad, "w_grad": bn.weight.grad, "b_grad": bn.bias.grad,
              "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone(),
              "tracked": bn.num_batches_tracked.clone()}
-    # update_stats off (a checkpointed cell's recomputation): same output, running stats untouched.
-    bn.update_stats = False
-    again = bn(x[part].contiguous(memory_format=torch.channels_last))
+    # frozen statistics (a checkpointed cell's recomputation): same output, running stats untouched.
+    with frozen_batch_statistics(bn):
+        again = bn(x[part].contiguous(memory_format=torch.channels_last))
     still = {"out_no_update": again.detach(), "running_mean_after": bn.running_mean.clone(),
              "running_var_after": bn.running_var.clone(), "tracked_after": bn.num_batches_tracked.clone()}
     bn.eval()
@@ -110,13 +111,13 @@ def test_sync_batchnorm_equals_batchnorm_on_the_concatenated_batch(ranks):
 
 
 def test_sync_batchnorm_alone_is_plain_batchnorm():
-    """Without a process group (one process) it is our BatchNorm2d, update_stats switch included."""
+    """Without a process group (one process) it is plain BatchNorm2d, frozen statistics included."""
     x = 1.0 + torch.randn(6, 3, 4, 4)
     a, b = batch_norm(3), SyncBatchNorm2d(3)
     assert torch.equal(a(x), b(x))
     assert torch.equal(a.running_var, b.running_var) and int(b.num_batches_tracked) == 1
-    b.update_stats = False
-    b(x + 1)
+    with frozen_batch_statistics(b):
+        b(x + 1)
     assert torch.equal(a.running_mean, b.running_mean)
 
 
@@ -124,16 +125,16 @@ def test_convert_sync_batchnorm_keeps_weights_keys_and_the_bn_regulariser():
     model = NVAE(NVAEConfig.preset("digits", num_channels_enc=4, num_channels_dec=4))
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, BatchNorm2d):
+            if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.running_mean.normal_()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(model.parameters())
     bn_loss = model.batchnorm_loss()
-    n_bn = sum(isinstance(m, BatchNorm2d) for m in model.modules())
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
     assert convert_sync_batchnorm(model) is model
-    bns = [m for m in model.modules() if isinstance(m, BatchNorm2d)]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == n_bn > 0 and all(type(m) is SyncBatchNorm2d for m in bns)
     assert all(m.momentum == 0.05 and m.eps == 1e-5 for m in bns)
     after = model.state_dict()

@@ -47,10 +47,10 @@ def test_normal_sample_moments_and_temperature():
     n = Normal(mu.expand(200_000, 2), ls.expand(200_000, 2))
     g = torch.Generator().manual_seed(3)
     for t in (1.0, 0.5):
-        z = n.sample(g, temperature=t)
+        z = n.sample(t, g)
         assert torch.allclose(z.mean(0), n.mu[0], atol=0.02)
         assert torch.allclose(z.std(0), t * n.sigma[0], rtol=0.01)
-    assert torch.equal(n.sample(g, temperature=0.0), n.mu)
+    assert torch.equal(n.sample(0.0, g), n.mu)
 
 
 def test_residual_normal_kl_equals_plain_kl():

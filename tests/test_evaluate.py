@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 
 from nvae import NVAE, NVAEConfig
 from nvae.evaluate import evaluate
-from nvae.objective import iw_bound
+from nvae.model import iw_bound
 
 from conftest import REFERENCE, needs_shared
 

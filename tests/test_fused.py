@@ -12,6 +12,7 @@ from nvae import NVAE, NVAEConfig
 from nvae.cells import InvertedResidual, ResConv
 from nvae.fused import bn_act_conv
 from nvae.layers import WNConv2d, batch_norm
+from nvae.memory import LeanInvertedResidual, LeanResConv, frozen_batch_statistics, set_recompute_bn
 from nvae.objective import kl_balance_alpha, nvae_loss
 
 
@@ -64,7 +65,7 @@ def test_chain_matches_the_plain_modules(swish, channels_last, conv_kind):
     def weight(m):
         return m.normalized_weight() if isinstance(m, WNConv2d) else m.weight
 
-    out = bn_act_conv(x, bn, conv, weight(conv), conv.bias, swish, recompute=True)
+    out = bn_act_conv(x, bn, conv, weight(conv), conv.bias, swish)
     s = bn_ref(x_ref)
     s = F.silu(s) if swish else s
     ref = conv_ref._conv_forward(s, weight(conv_ref), conv_ref.bias)
@@ -81,11 +82,14 @@ def test_chain_matches_the_plain_modules(swish, channels_last, conv_kind):
     assert bn.num_batches_tracked.item() == 1
 
 
-def test_update_stats_off_leaves_running_statistics_alone():
+def test_frozen_statistics_leave_running_statistics_alone():
     bn, conv = batch_norm(4), nn.Conv2d(4, 4, 1)
-    bn.update_stats = False
     before = {k: v.clone() for k, v in bn.named_buffers()}
-    bn_act_conv(torch.randn(3, 4, 5, 5, requires_grad=True), bn, conv, conv.weight, conv.bias, True, True).sum().backward()
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    with frozen_batch_statistics(bn):
+        out = bn_act_conv(x, bn, conv, conv.weight, conv.bias, True)
+    out.sum().backward()
+    assert torch.allclose(out, conv(F.silu(F.batch_norm(x, None, None, bn.weight, bn.bias, True))), atol=1e-6)
     for k, v in bn.named_buffers():
         assert torch.equal(v, before[k]), k
 
@@ -100,7 +104,7 @@ def test_cells_keep_far_less_for_backward(make, bound):
     torch.manual_seed(0)
     cell = make()
     cell_ref = copy.deepcopy(cell)
-    cell.recompute_bn = True
+    set_recompute_bn(cell)
     x = torch.randn(8, 16, 16, 16, requires_grad=True)
     out, lean = _saved_bytes(lambda: cell(x))
     ref, full = _saved_bytes(lambda: cell_ref(x))
@@ -127,7 +131,7 @@ def test_training_step_is_unchanged(channels_last, checkpointing):
         model = model.to(memory_format=torch.channels_last)
     ref = copy.deepcopy(model)
     model.set_recompute_bn(True).set_checkpointing(checkpointing)
-    assert sum(getattr(m, "recompute_bn", False) for m in model.modules()) > 10
+    assert sum(isinstance(m, (LeanResConv, LeanInvertedResidual)) for m in model.modules()) > 10
     x = (torch.rand(4, 1, 32, 32) > 0.5).float()
     alpha = kl_balance_alpha(cfg.groups_per_scale)
     loss, grads = _step_grads(model, x, alpha)
@@ -142,13 +146,20 @@ def test_training_step_is_unchanged(channels_last, checkpointing):
 
 def test_switch_off_runs_the_plain_modules(monkeypatch):
     calls = []
-    monkeypatch.setattr(fused._BNActConv, "apply", lambda *a: calls.append(1))
-    bn, conv = batch_norm(4), nn.Conv2d(4, 4, 1)
+    real = fused._BNActConv.apply
+    monkeypatch.setattr(fused._BNActConv, "apply", lambda *a: calls.append(1) or real(*a))
+    op = ResConv(4, 4, 1, norm=True, activation=F.silu)
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
-    bn_act_conv(x, bn, conv, conv.weight, conv.bias, True, recompute=False)
+    op(x)
     assert not calls
-    bn_act_conv(x, bn, conv, conv.weight, conv.bias, True, recompute=True)
+    set_recompute_bn(op)
+    assert type(op) is LeanResConv
+    op(x)
     assert calls
+    set_recompute_bn(op, False)
+    assert type(op) is ResConv
+    op(x)
+    assert len(calls) == 1
 
 
 def test_plain_path_in_eval_and_without_autograd():

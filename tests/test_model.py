@@ -153,15 +153,14 @@ def _record_latents(model):
     """Forward hooks that record, per group in decoder order: the raw head outputs, the sample
     before the flows and the sample the decoder takes in."""
     rec = {"post": [], "prior": [], "z0": [], "z": []}
-    handles = [h.register_forward_hook(lambda m, i, o: rec["post"].append(o)) for h in model.posterior_heads]
-    handles += [h.register_forward_hook(lambda m, i, o: rec["prior"].append(o)) for h in model.prior_heads]
-    n = model.config.num_nf
-    for g in range(model.num_groups if n else 0):
-        first = model.flows[g * n]
-        handles.append(first.register_forward_pre_hook(lambda m, i: rec["z0"].append(i[0])))
-    for m in model.decoder_tower:
-        if isinstance(m, DecCombiner):
-            handles.append(m.register_forward_hook(lambda m, i, o: rec["z"].append(i[1])))
+    handles = []
+    for group in model.groups:
+        handles.append(group.posterior_head.register_forward_hook(lambda m, i, o: rec["post"].append(o)))
+        if group.prior_head is not None:
+            handles.append(group.prior_head.register_forward_hook(lambda m, i, o: rec["prior"].append(o)))
+        if group.flows:
+            handles.append(group.flows[0].register_forward_pre_hook(lambda m, i: rec["z0"].append(i[0])))
+        handles.append(group.dec_combiner.register_forward_hook(lambda m, i, o: rec["z"].append(i[1])))
     return rec, handles
 
 

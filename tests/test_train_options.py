@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nvae import NVAE, NVAEConfig
+from nvae.memory import checkpointed_roles
 from nvae.objective import kl_balance_alpha, nvae_loss
 
 
@@ -50,7 +51,7 @@ def test_checkpointing_is_exact(pair):
 def test_checkpointing_only_some_roles(pair):
     _, b, _ = pair
     b.set_checkpointing(True, roles=["normal_dec"])
-    flags = {c.role: c.checkpointing for c in b.modules() if hasattr(c, "checkpointing")}
+    flags = checkpointed_roles(b)
     assert flags["normal_dec"] and not flags["normal_enc"] and not flags["up_post"]
     with pytest.raises(ValueError, match=r"unknown cell role\(s\) \['normal_dex'\]"):
         b.set_checkpointing(True, roles=["normal_dex"])     # a typo would otherwise checkpoint nothing

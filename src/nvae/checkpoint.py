@@ -1,4 +1,9 @@
-"""Our checkpoint format: plain data + tensors, written atomically, read with ``weights_only=True``."""
+"""Our checkpoint format: plain data + tensors, written atomically, read with ``weights_only=True``.
+
+Format 2 stores the state dict of the current module tree (latent groups as modules);
+format 1 (nvae 0.1) stored the same tensors under flat tower names, and is upgraded on
+loading (:func:`upgrade`), optimiser state included, so older runs load and resume.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +14,11 @@ from typing import Any, BinaryIO, Callable, Dict, Union
 
 import torch
 
+from .config import NVAEConfig
+from .keymap import key_map, layout
+
 FORMAT = "nvae-checkpoint"
-VERSION = 1
+VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -97,14 +105,49 @@ def read_checkpoint(path: Union[str, Path], map_location="cpu") -> Dict[str, Any
     return state
 
 
-def load_model(path: Union[str, Path], map_location="cpu"):
-    """Rebuild the model stored at ``path``."""
-    from .config import NVAEConfig
-    from .model import NVAE
+def upgrade(state: Dict[str, Any], model) -> Dict[str, Any]:
+    """``state`` (a checkpoint dict read by :func:`read_checkpoint`) in the current format, for ``model``.
+
+    Format 1 keys map by name (:func:`nvae.keymap.key_map`); the optimiser state, which
+    is kept per parameter index, follows its parameters to their new places.
+    """
+    if state["version"] == VERSION:
+        return state
+    names = key_map(model, "format1")
+    old = state["state_dict"]
+    missing = [o for o, t in names.items() if t not in old]
+    unused = sorted(set(old) - set(names.values()))
+    if missing or unused:
+        what = f"lacks {names[missing[0]]}" if missing else f"holds {unused[0]}, which the model has no place for"
+        raise CheckpointError(f"a format-1 checkpoint {what}; it does not match its own config")
+    out = {**state, "version": VERSION, "state_dict": {o: old[t] for o, t in names.items()}}
+    if isinstance(state.get("optimizer"), dict):
+        out["optimizer"] = _reorder_optimizer(state["optimizer"], model, names)
+    return out
+
+
+def _reorder_optimizer(opt_state: Dict[str, Any], model, names: Dict[str, str]) -> Dict[str, Any]:
+    groups = opt_state["param_groups"]
+    ours = [n for n, _ in model.named_parameters()]
+    if len(groups) != 1 or len(groups[0]["params"]) != len(ours):
+        raise CheckpointError("a format-1 checkpoint's optimiser state is not one group over every parameter; "
+                              "start a new run from its weights instead")
+    # Format 1 registered parameters in the official order.
+    old_order = ["h0"] + [f"{p.format1}.{n}" for p in layout(model) if p.module is not None
+                          for n, _ in p.module.named_parameters()]
+    old_index = {name: i for i, name in enumerate(old_order)}
+    old_ids = groups[0]["params"]
+    state = {j: opt_state["state"][old_ids[old_index[names[name]]]] for j, name in enumerate(ours)
+             if old_ids[old_index[names[name]]] in opt_state["state"]}
+    return {"state": state, "param_groups": [{**groups[0], "params": list(range(len(ours)))}]}
+
+
+def load_model(cls, path: Union[str, Path], map_location="cpu"):
+    """Rebuild the model of class ``cls`` (:class:`~nvae.NVAE`) stored at ``path``."""
     state = read_checkpoint(path, map_location)
     try:
-        model = NVAE(NVAEConfig.from_dict(state["config"]))
-        model.load_state_dict(state["state_dict"])
+        model = cls(NVAEConfig.from_dict(state["config"]))
+        model.load_state_dict(upgrade(state, model)["state_dict"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is damaged or inconsistent: {str(e).splitlines()[0][:300]}") from None
     return model.to(map_location)

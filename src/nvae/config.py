@@ -9,7 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 DECODERS = ("bernoulli", "mixture", "normal")
 
@@ -25,6 +25,44 @@ def groups_per_scale(num_scales: int, num_groups: int, adaptive: bool, minimum: 
         if adaptive:
             n = max(minimum, n // 2)
     return tuple(groups)
+
+
+#: The cell roles of the network, in the order data meets them: pre-process, encoder,
+#: decoder, post-process; ``down_*`` halve the resolution, ``up_*`` double it.
+CELL_ROLES = ("normal_pre", "down_pre", "normal_enc", "down_enc", "normal_dec", "up_dec", "normal_post", "up_post")
+
+
+def cell_roles(roles) -> Tuple[str, ...]:
+    """``roles`` (names, or one comma-separated string) as a tuple, checked against :data:`CELL_ROLES`."""
+    roles = tuple(r.strip() for r in roles.split(",")) if isinstance(roles, str) else tuple(roles)
+    unknown = sorted(set(roles) - set(CELL_ROLES))
+    if not roles or unknown:
+        raise ValueError(f"unknown cell role(s) {unknown or list(roles)}; choose from {sorted(CELL_ROLES)}")
+    return roles
+
+
+def _table(enc: List[str], dec: List[str], pre: List[str], post: List[str]) -> Dict[str, List[str]]:
+    return {"normal_enc": enc, "down_enc": enc, "normal_dec": dec, "up_dec": dec,
+            "normal_pre": pre, "down_pre": pre, "normal_post": post, "up_post": post}
+
+
+_RES = ["res_bnswish", "res_bnswish"]
+_SEP6, _SEP3 = ["mconv_e6k5g0"], ["mconv_e3k5g0"]
+
+#: The official ``utils.get_arch_cells`` tables: cell role -> operation names.
+ARCH_INSTANCES: Dict[str, Dict[str, List[str]]] = {
+    "res_mbconv": _table(_RES, _SEP6, _RES, _SEP3),
+    "res_bnswish": _table(_RES, _RES, _RES, _RES),
+    "res_elu": _table(*[["res_elu", "res_elu"]] * 4),
+    "res_bnelu": _table(*[["res_bnelu", "res_bnelu"]] * 4),
+    "mbconv_res": _table(_SEP6, _RES, _SEP3, _RES),
+    "mbconv_sep": _table(_SEP6, _SEP6, _SEP3, _SEP3),
+    "mbconv_sep11": _table(["mconv_e6k11g0"], ["mconv_e6k11g0"], _SEP3, _SEP3),
+    "mbconv_den": _table(_SEP6, _SEP6, ["mconv_e3k5g8"], ["mconv_e3k5g8"]),
+    "res53_mbconv": _table(["res_bnswish5", "res_bnswish"], _SEP6, ["res_bnswish5", "res_bnswish"], _SEP3),
+    "res35_mbconv": _table(["res_bnswish", "res_bnswish5"], _SEP6, ["res_bnswish", "res_bnswish5"], _SEP3),
+    "res55_mbconv": _table(["res_bnswish5", "res_bnswish5"], _SEP6, ["res_bnswish5", "res_bnswish5"], _SEP3),
+}
 
 
 @dataclass(frozen=True)
@@ -132,7 +170,6 @@ class NVAEConfig:
                              "decoder returns to the input resolution")
         if 2 * self.crop_output >= self.image_size:
             raise ValueError(f"crop_output {self.crop_output} leaves no pixels of a {self.image_size} image")
-        from .cells import ARCH_INSTANCES  # local import: cells imports nothing from here
         if self.arch_instance not in ARCH_INSTANCES:
             raise ValueError(f"unknown arch_instance {self.arch_instance!r}; "
                              f"choose one of {sorted(ARCH_INSTANCES)}")
@@ -232,4 +269,105 @@ PRESETS = {
                       ada_groups=True, num_preprocess_blocks=1, num_preprocess_cells=2, num_postprocess_blocks=1,
                       num_postprocess_cells=2, num_cell_per_cond_enc=1, num_cell_per_cond_dec=1,
                       num_latent_per_group=8, num_nf=0),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe. Defaults are the official ``train.py`` defaults."""
+
+    dataset: str = "digits"
+    epochs: int = 200
+    batch_size: int = 200
+    learning_rate: float = 1e-2
+    learning_rate_min: float = 1e-4
+    weight_decay: float = 3e-4
+    warmup_epochs: int = 5
+    weight_decay_norm: float = 1e-2
+    weight_decay_norm_init: float = 10.0
+    weight_decay_norm_anneal: bool = False
+    kl_anneal_portion: float = 0.3
+    kl_const_portion: float = 1e-4
+    kl_const_coeff: float = 1e-4
+    kl_balance: bool = True
+    seed: int = 1
+    max_steps: Optional[int] = None      #: stop early (the schedules still follow ``epochs``)
+    max_minutes: Optional[float] = None  #: stop after this much wall-clock training time
+    flip: Optional[bool] = None          #: horizontal flips of training images (None: the data set's default)
+    strict_data: bool = False            #: unreadable images and wrong channel counts are errors, not skips
+    precision: str = "fp32"
+    channels_last: bool = False
+    checkpointing: bool = False
+    #: with ``checkpointing``, the cell roles to recompute (None: every cell), e.g. ("normal_post", "up_post")
+    checkpointing_roles: Optional[Tuple[str, ...]] = None
+    recompute_bn: bool = False           #: store BN inputs only; recompute BN and Swish in backward
+    log_every: int = 50
+    image_every: int = 500
+    checkpoint_every: int = 1000
+    deterministic: bool = False          #: torch.use_deterministic_algorithms (bit-exact resume on GPU too)
+    skip_grad_factor: Optional[float] = 10.0   #: skip steps whose grad norm exceeds this x the running quantile
+    skip_grad_quantile: float = 0.95
+    skip_grad_window: int = 200
+    max_consecutive_skips: int = 20      #: then roll back to the last checkpoint (0: never)
+    rollback_lr_factor: float = 0.5      #: learning-rate multiplier applied at each roll-back
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("batch_size", "epochs", "log_every", "image_every", "checkpoint_every", "skip_grad_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or None for the whole schedule), got {self.max_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs}): the learning "
+                             "rate would never finish warming up; lower warmup_epochs or raise epochs")
+        if self.learning_rate_min > self.learning_rate:
+            raise ValueError(f"learning_rate_min ({self.learning_rate_min}) exceeds learning_rate "
+                             f"({self.learning_rate})")
+        if not 0 < self.rollback_lr_factor <= 1:
+            raise ValueError(f"rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}")
+        if self.max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
+        if self.checkpointing_roles is not None:
+            try:   # JSON brings a list, overrides a comma-separated string
+                object.__setattr__(self, "checkpointing_roles", cell_roles(self.checkpointing_roles))
+            except ValueError as e:
+                raise ValueError(f"checkpointing_roles: {e}") from None
+            if not self.checkpointing:
+                raise ValueError("checkpointing_roles needs checkpointing=True (nvae train --checkpointing ROLES)")
+
+    def to_dict(self) -> dict:
+        # Lists, as JSON gives them back, so a stored config compares equal to its reload.
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; they may come from another nvae version")
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TrainConfig":
+        if name not in TRAIN_PRESETS:
+            raise ValueError(f"no training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
+        return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
+
+
+#: Official per-data-set recipes (NVAE.md section 5; per-GPU batch sizes).
+TRAIN_PRESETS = {
+    "digits": TrainConfig(dataset="digits", epochs=60, batch_size=64, warmup_epochs=2, image_every=250),
+    "mnist": TrainConfig(dataset="mnist", epochs=400, batch_size=200, weight_decay_norm=1e-2),
+    "mnist_small": TrainConfig(dataset="mnist", epochs=400, batch_size=200, weight_decay_norm=1e-2),
+    "cifar10": TrainConfig(dataset="cifar10", epochs=400, batch_size=32, weight_decay_norm=1e-2),
+    "celeba64": TrainConfig(dataset="celeba64", epochs=90, batch_size=16, weight_decay_norm=1e-1),
+    "imagenet32": TrainConfig(dataset="imagenet32", epochs=45, batch_size=24, weight_decay_norm=1e-2,
+                              weight_decay_norm_init=1.0, weight_decay_norm_anneal=True),
+    "celebahq256": TrainConfig(dataset="celebahq256", epochs=300, batch_size=4, weight_decay_norm=1e-2,
+                               weight_decay_norm_init=1.0, weight_decay_norm_anneal=True),
+    "ffhq256": TrainConfig(dataset="ffhq256", epochs=200, batch_size=4, learning_rate=8e-3,
+                           weight_decay_norm=1e-1, weight_decay_norm_init=1.0, weight_decay_norm_anneal=True),
 }

@@ -4,9 +4,9 @@ The official recipe trains on several GPUs with synchronised BatchNorm: every BN
 layer normalises with the statistics of the *whole* batch across processes, so
 N processes with B images each compute the same thing as one process with N*B.
 ``nn.SyncBatchNorm`` only runs on CUDA; :class:`SyncBatchNorm2d` does the same
-on any device and backend (gloo on CPU included) and stays one of our
-:class:`~nvae.layers.BatchNorm2d` layers, so BN regularisation, gradient
-checkpointing's ``update_stats`` switch and checkpoint keys are unaffected.
+on any device and backend (gloo on CPU included) and stays an ``nn.BatchNorm2d``,
+so BN regularisation, gradient checkpointing (which sets the momentum to 0 while
+it recomputes) and checkpoint keys are unaffected.
 
 Use::
 
@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.nn.parallel import DistributedDataParallel
 
-from .layers import BN_EPS, BN_MOMENTUM, BatchNorm2d
+from .layers import BN_EPS, BN_MOMENTUM
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return _AllReduceSum.apply(tensor, group)
 
 
-class SyncBatchNorm2d(BatchNorm2d):
+class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the batch of *all* processes.
 
     A training-mode forward all-reduces the per-channel sum, sum of squares and
@@ -186,9 +186,8 @@ class SyncBatchNorm2d(BatchNorm2d):
     *unbiased* variance (``N / (N - 1)``, N the global count), as BN on the
     concatenated batch would. Gradients flow through the global statistics, so
     N processes compute the gradients of one process with all the images.
-    ``update_stats = False`` normalises the same way and leaves the running
-    averages alone. In eval mode, or without a process group of more than one
-    process, it is plain :class:`~nvae.layers.BatchNorm2d`.
+    In eval mode, or without a process group of more than
+    one process, it is plain ``nn.BatchNorm2d``.
 
     Every process of ``process_group`` (default: all) must run the same BN
     layers in the same order in training mode, as with ``nn.SyncBatchNorm``.
@@ -220,7 +219,7 @@ class SyncBatchNorm2d(BatchNorm2d):
         count = total[2 * c:]
         mean = total[:c] / count
         var = (total[c:2 * c] / count - mean.square()).clamp_min(0.0)
-        if self.track_running_stats and self.update_stats:
+        if self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), count.detach())
         # Folded into one scale and shift per channel, so autograd keeps only x
         # (and per-channel vectors) alive, as the native kernel does.
@@ -248,7 +247,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
     The new layers take over the old ones' parameters and buffers (the same
     tensors, so an optimiser built before the conversion still works and the
-    state dict is unchanged), their mode and ``update_stats`` setting. Returns
+    state dict is unchanged) and their mode. Returns
     ``module``, or the replacement if ``module`` itself is a BN layer.
     """
     replaced: Dict[nn.Module, nn.Module] = {}
@@ -264,8 +263,6 @@ def _swap_batchnorm(module: nn.Module, process_group, replaced: Dict[nn.Module, 
         if module.track_running_stats:
             new.running_mean, new.running_var = module.running_mean, module.running_var
             new.num_batches_tracked = module.num_batches_tracked
-        if "update_stats" in vars(module):
-            new.update_stats = module.update_stats
         new.train(module.training)
         replaced[module] = new
         return new

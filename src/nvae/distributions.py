@@ -34,8 +34,8 @@ class Normal:
         if temperature != 1.0:
             self.sigma = self.sigma * temperature
 
-    def sample(self, generator: Optional[torch.Generator] = None, temperature: float = 1.0) -> torch.Tensor:
-        """``mu + temperature * sigma * eps``; temperature 0 returns the mean."""
+    def sample(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``mu + temperature * sigma * eps``; temperature 0 returns the mean (and draws nothing)."""
         if temperature == 0.0:
             return self.mu
         return self.mu + (temperature * self.sigma) * _randn_like(self.mu, generator)
@@ -106,7 +106,9 @@ class NormalDecoder:
         return self.dist.mu.clamp(-1, 1) / 2 + 0.5
 
     def sample(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return self.dist.sample(generator).clamp(-1, 1) / 2 + 0.5
+        """A sample on [-1, 1] mapped to [0, 1]; ``temperature`` scales sigma, as for the latents
+        (the official code ignores it here)."""
+        return self.dist.sample(temperature, generator).clamp(-1, 1) / 2 + 0.5
 
 
 class DiscMixLogistic:

@@ -43,8 +43,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from .data import prepare_batch
-from .model import NVAE
-from .objective import iw_bound
+from .model import NVAE, iw_bound
 
 if TYPE_CHECKING:
     from .distributed import DistributedContext
@@ -107,7 +106,7 @@ def evaluate(model: NVAE, data: Dataset, num_samples: int = 1000, batch_size: in
 
     Images are prepared as in training (binarised afresh for the Bernoulli decoder, as the
     official test does; quantised to ``num_x_bits`` otherwise). The estimator is
-    :meth:`NVAE.importance_sample` and :func:`~nvae.objective.iw_bound` per image.
+    :meth:`NVAE.importance_sample` and :func:`~nvae.model.iw_bound` per image.
 
     Randomness: global batch ``b`` (images ``b * batch_size`` onwards) uses a generator on
     ``device`` seeded with :func:`batch_seed` ``(seed, b)``. Without ``seed`` one is drawn

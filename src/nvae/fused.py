@@ -7,8 +7,8 @@ first and the batch statistics, so :class:`_BNActConv` stores the first only and
 recomputes the other two in the backward pass. In the separable cells this is
 four of the six expanded (6C) tensors, the bulk of the model's memory. The
 recomputation costs time (5-7% of a ``mnist_small`` or ``mnist`` step on two CPU
-threads, ``benchmarks/step_ratios.py``), so it is a switch, ``NVAE.set_recompute_bn``,
-like gradient checkpointing. The backward pass keeps at most three expanded
+threads, ``benchmarks/step_ratios.py``), so it is a switch, ``NVAE.set_recompute_bn``
+(:mod:`nvae.memory`), like gradient checkpointing. The backward pass keeps at most three expanded
 tensors alive at once, and for stride-1 convolutions it forms the input gradient
 as a forward convolution with the transposed kernel (see :func:`_transposed_conv`).
 
@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .distributed import SyncBatchNorm2d
 
 
 class _BNActConv(torch.autograd.Function):
@@ -105,28 +104,30 @@ def _transposed_conv(weight, stride, padding, dilation, groups):
 
 
 def _fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
-    return (bn.training and torch.is_grad_enabled() and bn.affine and bn.track_running_stats
-            and bn.momentum is not None and not isinstance(bn, SyncBatchNorm2d)
+    # Only the stock BN forward is reproduced here; synchronised BN, for one, takes its
+    # statistics from every process.
+    return (bn.training and torch.is_grad_enabled() and bn.affine and bn.momentum is not None
+            and type(bn).forward is nn.modules.batchnorm._BatchNorm.forward
             and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
 
 
 def bn_act_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, weight: torch.Tensor,
-                bias: Optional[torch.Tensor], swish: bool, recompute: bool) -> torch.Tensor:
-    """``conv(silu(bn(x)))`` (or ``conv(bn(x))`` with ``swish=False``) with ``weight`` and ``bias``.
+                bias: Optional[torch.Tensor], swish: bool) -> torch.Tensor:
+    """``conv(silu(bn(x)))`` (or ``conv(bn(x))`` with ``swish=False``) with ``weight`` and ``bias``,
+    keeping only ``x`` for the backward pass.
 
-    ``conv`` supplies stride, padding, dilation and groups; ``weight`` is the
-    weight it applies (normalised, for a weight-normalised conv). With
-    ``recompute``, in training with autograd, only ``x`` is kept for the
-    backward pass.
+    ``conv`` supplies stride, padding, dilation and groups; ``weight`` is the weight
+    it applies (normalised, for a weight-normalised conv). Where the saving does not
+    apply (see the module docstring) the plain modules run.
     """
-    if (not recompute or not _fusable(x, bn) or conv.padding_mode != "zeros"
-            or isinstance(conv.padding, str)):
+    if not _fusable(x, bn) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         s = bn(x)
         if swish:
             s = F.silu(s)
         return conv._conv_forward(s, weight, bias)
-    momentum = bn.momentum if getattr(bn, "update_stats", True) else 0.0
-    if momentum:
+    running_mean = running_var = None
+    if bn.track_running_stats:   # as the stock forward does
         bn.num_batches_tracked.add_(1)
-    return _BNActConv.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, swish,
+        running_mean, running_var = bn.running_mean, bn.running_var
+    return _BNActConv.apply(x, bn.weight, bn.bias, running_mean, running_var, bn.momentum, bn.eps, swish,
                             weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -1,8 +1,6 @@
 """Building blocks shared by the cells: weight-normalised convolution, BN, SE, skips."""
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -12,27 +10,9 @@ BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
 
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` whose running-statistics update can be switched off.
-
-    With ``update_stats = False`` a training-mode forward still normalises with
-    the batch statistics (same output) but leaves the running averages alone:
-    what gradient checkpointing needs when it re-runs a cell in the backward pass.
-    """
-
-    update_stats = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not self.update_stats:
-            # Same op as a normal step (so what autograd saves matches), but with
-            # momentum 0 the running averages stay exactly as they are.
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, 0.0, self.eps)
-        return super().forward(x)
-
-
-def batch_norm(channels: int) -> BatchNorm2d:
+def batch_norm(channels: int) -> nn.BatchNorm2d:
     """BatchNorm with NVAE's momentum (0.05, PyTorch convention) and eps."""
-    return BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
 def _channel_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -66,44 +46,6 @@ class WNConv2d(nn.Conv2d):
         v = self.masked_weight()
         return torch.exp(self.log_weight_norm) * v / (_channel_norm(v) + 1e-5)
 
-    def _weight_key(self) -> tuple:
-        return (self.weight._version, self.log_weight_norm._version, self.weight.device, self.weight.dtype)
-
-    def forward_weight(self) -> torch.Tensor:
-        """:meth:`normalized_weight`, kept (with its graph) for one :meth:`take_forward_weight`.
-
-        As in the official code, spectral regularisation uses the weight the
-        forward pass computed, so the normalisation runs (and is differentiated)
-        once per step instead of twice.
-        """
-        w = self.normalized_weight()
-        if torch.compiler.is_compiling():   # keep the traced graph free of hooks and module state
-            return w
-        self._forward_weight = None
-        if w.requires_grad:
-            token, module = object(), weakref.ref(self)
-
-            def forget(grad: torch.Tensor) -> None:
-                # A backward pass has reached w, so its graph is (or will be) freed.
-                m = module()
-                if m is not None and m._forward_weight is not None and m._forward_weight[2] is token:
-                    m._forward_weight = None
-
-            w.register_hook(forget)
-            self._forward_weight = (self._weight_key(), w, token)
-        return w
-
-    def take_forward_weight(self) -> torch.Tensor:
-        """The weight of the last forward pass if the parameters have not changed since, else a fresh one.
-
-        Each forward weight is handed out once, and not after a backward pass
-        has gone through it: its graph is freed by the backward pass it joins.
-        """
-        cached, self._forward_weight = getattr(self, "_forward_weight", None), None
-        if cached is not None and cached[0] == self._weight_key() and torch.is_grad_enabled():
-            return cached[1]
-        return self.normalized_weight()
-
     @torch.no_grad()
     def _initialize_from_data(self, x: torch.Tensor) -> None:
         v = self.masked_weight()
@@ -124,18 +66,12 @@ class WNConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.data_init and self.training and not self.init_done:
             self._initialize_from_data(x)
-        return self._conv_forward(x, self.forward_weight(), self.bias)
+        return self._conv_forward(x, self.normalized_weight(), self.bias)
 
 
-def effective_weight(conv: nn.Conv2d, reuse_forward: bool = False) -> torch.Tensor:
-    """The weight a convolution actually applies (normalised and masked where it is).
-
-    ``reuse_forward`` takes a weight-normalised conv's weight from its last
-    forward pass (:meth:`WNConv2d.take_forward_weight`).
-    """
-    if isinstance(conv, WNConv2d):
-        return conv.take_forward_weight() if reuse_forward else conv.normalized_weight()
-    return conv.weight
+def effective_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """The weight a convolution actually applies (normalised and masked where it is)."""
+    return conv.normalized_weight() if isinstance(conv, WNConv2d) else conv.weight
 
 
 class SqueezeExcitation(nn.Module):

@@ -1,34 +1,47 @@
-"""The NVAE network (paper, Figure 2): bidirectional encoder, top-down decoder shared by prior and posterior."""
+"""The NVAE network (paper, Figure 2): a bottom-up encoder, and one top-down walk over the latent groups.
+
+Data flows: image -> stem -> pre-process cells -> encoder stages (one feature per
+latent group) -> the top-down walk from the learned ``h0``: per group, decoder cells,
+then the group's prior / posterior and its z (:mod:`nvae.latent`) -> post-process
+cells -> output head -> p(x|z) (:mod:`nvae.distributions`). The same walk serves
+training and evaluation (z from the posterior), sampling (from the prior), decoding
+given latents, and partial-posterior samples; only the rule choosing z differs.
+"""
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cells import ARCH_INSTANCES, Cell, DecCombiner, EncCombiner, cell_roles
-from .config import NVAEConfig
-from .distributions import Normal, ResidualNormal, output_distribution, sum_log_prob
+from . import memory
+from .cells import Cell, DecCombiner, EncCombiner
+from .checkpoint import load_model, save_model
+from .config import ARCH_INSTANCES, NVAEConfig
+from .distributions import output_distribution, sum_log_prob
 from .flows import PairedFlowCell
+from .keymap import modules_in_official_order
+from .latent import FromPosterior, FromPrior, Given, LatentGroup, PartialPosterior, PriorHead
 from .layers import WNConv2d
-from .objective import iw_bound
+from .official import load_official
 from .regularizers import SpectralRegularizer, batchnorm_loss
 
 Temperature = Union[float, Sequence[float]]
 
 
 class BottomUp(NamedTuple):
-    """The encoder's output for a batch: what the top-down pass combines with the decoder state."""
+    """The encoder's output for a batch: one feature per latent group, in decoder order
+    (the top group's already through ``encoder0``)."""
 
-    q0: torch.Tensor            #: parameters of q(z_0|x) (mean and log-scale, stacked on channels)
-    enc_states: tuple           #: encoder features for groups 1.., in decoder order
+    features: Tuple[torch.Tensor, ...]
 
     def repeat(self, k: int) -> "BottomUp":
         """The same features for ``k`` copies of the batch (``x.repeat(k, 1, 1, 1)``'s order)."""
-        return BottomUp(self.q0.repeat(k, 1, 1, 1), tuple(e.repeat(k, 1, 1, 1) for e in self.enc_states))
+        return BottomUp(tuple(f.repeat(k, 1, 1, 1) for f in self.features))
 
 
 class NVAEOutput(NamedTuple):
@@ -59,17 +72,6 @@ class Encoder0(nn.Module):
         return F.elu(self.conv(F.elu(x)))
 
 
-class PriorHead(nn.Module):
-    """ELU, 1x1 conv: (mu, log sigma) of p(z_l | z_<l) from the decoder state."""
-
-    def __init__(self, channels: int, num_latent: int):
-        super().__init__()
-        self.conv = WNConv2d(channels, 2 * num_latent, 1)
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.elu(s))
-
-
 class OutputHead(nn.Module):
     """ELU, 3x3 conv to the parameters of p(x|z)."""
 
@@ -81,13 +83,120 @@ class OutputHead(nn.Module):
         return self.conv(F.elu(s))
 
 
-def _per_group(temperature: Temperature, num_groups: int) -> List[float]:
+def per_group(temperature: Temperature, num_groups: int) -> List[float]:
+    """One temperature per latent group (decoder order) from one value or a list."""
     if isinstance(temperature, (int, float)):
         return [float(temperature)] * num_groups
     temps = [float(t) for t in temperature]
     if len(temps) != num_groups:
         raise ValueError(f"got {len(temps)} per-group temperatures for a model with {num_groups} groups")
     return temps
+
+
+def iw_bound(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The importance-weighted bound ``logsumexp_k(log w_k) - log K`` over ``dim`` (Burda et al.).
+
+    With K = 1 it is the ELBO; it never exceeds log p(x) in expectation and
+    tends to it as K grows.
+    """
+    return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
+
+
+@contextlib.contextmanager
+def training_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """``module`` in training (or eval) mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.train(training)
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+# -------------------------------------------------------------------- builders
+# Modules are created in the official code's order, so a seed gives the official
+# initialisation (and the one nvae's earlier layout gave).
+def _channels(c: NVAEConfig, scale_from_top: int) -> Tuple[int, int]:
+    """(encoder, decoder) channels at a latent scale counted from the coarsest (0)."""
+    mult = 2 ** (c.num_preprocess_blocks + c.num_latent_scales - 1 - scale_from_top)
+    return c.num_channels_enc * mult, c.num_channels_dec * mult
+
+
+def _scales_top_down(c: NVAEConfig) -> Iterator[Tuple[int, int]]:
+    """(scale from the top, group within the scale) of every latent group, in decoder order."""
+    for s in range(c.num_latent_scales):
+        for g in range(c.groups_per_scale[c.num_latent_scales - 1 - s]):
+            yield s, g
+
+
+def _preprocess(c: NVAEConfig) -> nn.ModuleList:
+    """Pre-process blocks, each ending in a down-sampling cell."""
+    arch, cells, ch = ARCH_INSTANCES[c.arch_instance], nn.ModuleList(), c.num_channels_enc
+    for _ in range(c.num_preprocess_blocks):
+        for i in range(c.num_preprocess_cells):
+            last = i == c.num_preprocess_cells - 1
+            role = "down_pre" if last else "normal_pre"
+            cells.append(Cell(ch, 2 * ch if last else ch, role, arch[role], c.use_se))
+            ch = 2 * ch if last else ch
+    return cells
+
+
+def _encoder(c: NVAEConfig) -> Tuple[nn.ModuleList, List[EncCombiner]]:
+    """The encoder's stages (finest first, one per group: [down cell,] cells) and the
+    encoder combiners of the groups below the top, in encoder order."""
+    arch, stages, combiners = ARCH_INSTANCES[c.arch_instance], nn.ModuleList(), []
+    groups = list(_scales_top_down(c))[::-1]
+    for k, (s, g) in enumerate(groups):
+        ch_enc, ch_dec = _channels(c, s)
+        stage = nn.Sequential()
+        if g == c.groups_per_scale[c.num_latent_scales - 1 - s] - 1 and k > 0:   # first group of a coarser scale
+            stage.append(Cell(ch_enc // 2, ch_enc, "down_enc", arch["down_enc"], c.use_se))
+        for _ in range(c.num_cell_per_cond_enc):
+            stage.append(Cell(ch_enc, ch_enc, "normal_enc", arch["normal_enc"], c.use_se))
+        if k < len(groups) - 1:
+            combiners.append(EncCombiner(ch_enc, ch_dec))
+        stages.append(stage)
+    return stages, combiners
+
+
+def _latent_heads(c: NVAEConfig) -> Tuple[list, list, list]:
+    """Per group (decoder order): posterior head, flows, prior head (None for the top)."""
+    posterior, flows, prior = [], [], []
+    for s, g in _scales_top_down(c):
+        ch_enc, ch_dec = _channels(c, s)
+        posterior.append(WNConv2d(ch_enc, 2 * c.num_latent_per_group, 3, padding=1))
+        flows.append([PairedFlowCell(c.num_latent_per_group) for _ in range(c.num_nf)])
+        prior.append(None if (s, g) == (0, 0) else PriorHead(ch_dec, c.num_latent_per_group))
+    return posterior, flows, prior
+
+
+def _decoder(c: NVAEConfig) -> Tuple[nn.ModuleList, List[DecCombiner]]:
+    """The decoder's stages (one per group: [up cell,] cells; none before the top group)
+    and each group's decoder combiner, in decoder order."""
+    arch, stages, combiners = ARCH_INSTANCES[c.arch_instance], nn.ModuleList(), []
+    for s, g in _scales_top_down(c):
+        ch = _channels(c, s)[1]
+        stage = nn.Sequential()
+        if s > 0 and g == 0:
+            stage.append(Cell(2 * ch, ch, "up_dec", arch["up_dec"], c.use_se))
+        if (s, g) != (0, 0):
+            for _ in range(c.num_cell_per_cond_dec):
+                stage.append(Cell(ch, ch, "normal_dec", arch["normal_dec"], c.use_se))
+        stages.append(stage)
+        combiners.append(DecCombiner(ch, c.num_latent_per_group))
+    return stages, combiners
+
+
+def _postprocess(c: NVAEConfig) -> nn.ModuleList:
+    """Post-process blocks, each starting with an up-sampling cell."""
+    arch, cells = ARCH_INSTANCES[c.arch_instance], nn.ModuleList()
+    ch = c.num_channels_dec * 2 ** c.num_preprocess_blocks
+    for _ in range(c.num_postprocess_blocks):
+        for i in range(c.num_postprocess_cells):
+            role = "up_post" if i == 0 else "normal_post"
+            cells.append(Cell(ch, ch // 2 if i == 0 else ch, role, arch[role], c.use_se))
+            ch = ch // 2 if i == 0 else ch
+    return cells
 
 
 class NVAE(nn.Module):
@@ -100,85 +209,25 @@ class NVAE(nn.Module):
     def __init__(self, config: NVAEConfig):
         super().__init__()
         self.config = c = config
-        arch = ARCH_INSTANCES[c.arch_instance]
-        nz = c.num_latent_per_group
-        gps = c.groups_per_scale
-        S = c.num_latent_scales
-        top_mult = 2 ** (c.num_preprocess_blocks + S - 1)
+        top_enc, top_dec = _channels(c, 0)
         top_size = c.image_size // c.downsampling
-
         # The decoder starts from this learned tensor at the coarsest scale.
-        self.h0 = nn.Parameter(torch.rand(c.num_channels_dec * top_mult, top_size, top_size))
+        self.h0 = nn.Parameter(torch.rand(top_dec, top_size, top_size))
         self.stem = WNConv2d(c.in_channels, c.num_channels_enc, 3, padding=1)
-
-        # Bottom-up: pre-process blocks, each ending in a down-sampling cell.
-        mult = 1
-        self.preprocess = nn.ModuleList()
-        for _ in range(c.num_preprocess_blocks):
-            for i in range(c.num_preprocess_cells):
-                ch = c.num_channels_enc * mult
-                if i == c.num_preprocess_cells - 1:
-                    self.preprocess.append(Cell(ch, 2 * ch, "down_pre", arch["down_pre"], c.use_se))
-                    mult *= 2
-                else:
-                    self.preprocess.append(Cell(ch, ch, "normal_pre", arch["normal_pre"], c.use_se))
-
-        # Bottom-up encoder tower, finest scale first; a combiner marks each group's feature.
-        self.encoder_tower = nn.ModuleList()
-        for s in range(S):
-            for g in range(gps[s]):
-                ch = c.num_channels_enc * mult
-                for _ in range(c.num_cell_per_cond_enc):
-                    self.encoder_tower.append(Cell(ch, ch, "normal_enc", arch["normal_enc"], c.use_se))
-                if not (s == S - 1 and g == gps[s] - 1):
-                    self.encoder_tower.append(EncCombiner(ch, c.num_channels_dec * mult))
-            if s < S - 1:
-                ch = c.num_channels_enc * mult
-                self.encoder_tower.append(Cell(ch, 2 * ch, "down_enc", arch["down_enc"], c.use_se))
-                mult *= 2
-        self.encoder0 = Encoder0(c.num_channels_enc * mult)
-
-        # Posterior and prior heads and flows, in decoder order (coarsest scale first).
-        self.posterior_heads = nn.ModuleList()
-        self.prior_heads = nn.ModuleList()
-        self.flows = nn.ModuleList()
-        m = top_mult
-        for s in range(S):
-            for g in range(gps[S - 1 - s]):
-                self.posterior_heads.append(WNConv2d(c.num_channels_enc * m, 2 * nz, 3, padding=1))
-                for _ in range(c.num_nf):
-                    self.flows.append(PairedFlowCell(nz))
-                if not (s == 0 and g == 0):   # p(z_1) is a fixed standard Normal
-                    self.prior_heads.append(PriorHead(c.num_channels_dec * m, nz))
-            m //= 2
-
-        # Top-down decoder tower: cells, then a combiner taking in z_l; up-sampling between scales.
-        self.decoder_tower = nn.ModuleList()
-        m = top_mult
-        for s in range(S):
-            ch = c.num_channels_dec * m
-            for g in range(gps[S - 1 - s]):
-                if not (s == 0 and g == 0):
-                    for _ in range(c.num_cell_per_cond_dec):
-                        self.decoder_tower.append(Cell(ch, ch, "normal_dec", arch["normal_dec"], c.use_se))
-                self.decoder_tower.append(DecCombiner(ch, nz))
-            if s < S - 1:
-                self.decoder_tower.append(Cell(ch, ch // 2, "up_dec", arch["up_dec"], c.use_se))
-                m //= 2
-
-        # Post-process blocks, each starting with an up-sampling cell.
-        self.postprocess = nn.ModuleList()
-        for _ in range(c.num_postprocess_blocks):
-            for i in range(c.num_postprocess_cells):
-                ch = c.num_channels_dec * m
-                if i == 0:
-                    self.postprocess.append(Cell(ch, ch // 2, "up_post", arch["up_post"], c.use_se))
-                    m //= 2
-                else:
-                    self.postprocess.append(Cell(ch, ch, "normal_post", arch["normal_post"], c.use_se))
-        self.output_head = OutputHead(c.num_channels_dec * m, c.num_output_channels)
-
-        self.spectral = SpectralRegularizer([mod for mod in self.modules() if isinstance(mod, nn.Conv2d)])
+        self.preprocess = _preprocess(c)
+        self.encoder_stages, enc_combiners = _encoder(c)
+        self.encoder0 = Encoder0(top_enc)
+        posterior, flows, prior = _latent_heads(c)
+        decoder_stages, dec_combiners = _decoder(c)
+        self.groups = nn.ModuleList(LatentGroup(*parts, residual=c.res_dist) for parts in
+                                    zip(posterior, dec_combiners, prior, [None] + enc_combiners[::-1], flows))
+        self.decoder_stages = decoder_stages
+        self.postprocess = _postprocess(c)
+        self.output_head = OutputHead(c.num_channels_dec, c.num_output_channels)
+        # In the official module order, so a seed draws the power-iteration vectors it always drew.
+        convs = [m for module in modules_in_official_order(self) for m in module.modules() if isinstance(m, nn.Conv2d)]
+        self.spectral = SpectralRegularizer(convs, weight_of=memory.forward_weight)
+        memory.reuse_forward_weights(self)
 
     # ------------------------------------------------------------- properties
     @property
@@ -204,26 +253,9 @@ class NVAE(nn.Module):
         c = self.config
         return output_distribution(logits, c.decoder, c.num_mixture_dec, c.num_x_bits, c.official_edge)
 
-    # ---------------------------------------------------------------- forward
-    def _flow(self, group: int, z: torch.Tensor, log_q: torch.Tensor):
-        n = self.config.num_nf
-        for flow in self.flows[group * n:(group + 1) * n]:
-            z, log_det = flow(z)
-            log_q = log_q - log_det
-        return z, log_q
-
-    def _decode_tail(self, s: torch.Tensor) -> torch.Tensor:
-        for cell in self.postprocess:
-            s = cell(s)
-        return self.output_head(s)
-
-    @property
-    def _enc_combiners(self) -> List[EncCombiner]:
-        """The encoder's combiner cells, in decoder order (matching ``BottomUp.enc_states``)."""
-        return [cell for cell in self.encoder_tower if isinstance(cell, EncCombiner)][::-1]
-
-    def encode(self, x: torch.Tensor) -> "BottomUp":
-        """The deterministic bottom-up pass: the encoder's features for every group (see :meth:`forward`).
+    # ------------------------------------------------------------ the two passes
+    def encode(self, x: torch.Tensor) -> BottomUp:
+        """The deterministic bottom-up pass: the encoder's feature for every group.
 
         In eval mode it does not depend on the posterior samples, so importance
         sampling computes it once per image and reuses it for all K samples.
@@ -231,18 +263,28 @@ class NVAE(nn.Module):
         s = self.stem(2 * x - 1.0)
         for cell in self.preprocess:
             s = cell(s)
-        enc_states = []
-        for cell in self.encoder_tower:
-            if isinstance(cell, EncCombiner):
-                enc_states.append(s)
-            else:
-                s = cell(s)
-        enc_states.reverse()
-        q0 = self.posterior_heads[0](self.encoder0(s))
-        return BottomUp(q0, tuple(enc_states))
+        features = []
+        for stage in self.encoder_stages:
+            s = stage(s)
+            features.append(s)
+        features[-1] = self.encoder0(features[-1])
+        return BottomUp(tuple(features[::-1]))
+
+    def top_down(self, n: int, rule, bottom_up: Optional[BottomUp] = None) -> torch.Tensor:
+        """Walk the decoder from ``h0`` for ``n`` images; group ``l`` takes
+        ``z = rule(l, group, prior, posterior)`` (the posterior is None without ``bottom_up``).
+        Returns the parameters of p(x|z)."""
+        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1)
+        for index, (cells, group) in enumerate(zip(self.decoder_stages, self.groups)):
+            s = cells(s)
+            prior, posterior = group.distributions(s, None if bottom_up is None else bottom_up.features[index])
+            s = group(s, rule(index, group, prior, posterior))
+        for cell in self.postprocess:
+            s = cell(s)
+        return self.output_head(s)
 
     def forward(self, x: torch.Tensor, temperature: float = 1.0,
-                generator: Optional[torch.Generator] = None, bottom_up: Optional["BottomUp"] = None) -> NVAEOutput:
+                generator: Optional[torch.Generator] = None, bottom_up: Optional[BottomUp] = None) -> NVAEOutput:
         """Encode ``x``, sample every group from the posterior, decode, and score.
 
         ``temperature`` scales the posterior noise: ``z = mu + temperature * sigma * eps``;
@@ -250,60 +292,12 @@ class NVAE(nn.Module):
         evaluated under the untempered posterior. ``bottom_up`` is :meth:`encode`'s
         result for ``x``, when the caller already has it.
         """
-        with_flows = self.config.num_nf > 0
-        if bottom_up is None:
-            bottom_up = self.encode(x)
-        enc_states = bottom_up.enc_states
-        enc_combiners = self._enc_combiners
-
-        log_qs, log_ps, kls, latents = [], [], [], []
-
-        def visit(q: Normal, p: Normal, group: int) -> torch.Tensor:
-            z = q.sample(generator, temperature)
-            log_q = q.log_prob(z)
-            if with_flows:
-                z, log_q = self._flow(group, z, log_q)
-            log_p = p.log_prob(z)
-            if with_flows:
-                kl = log_q - log_p
-            elif isinstance(q, ResidualNormal):
-                kl = q.kl_to_prior()
-            else:
-                kl = q.kl(p)
-            log_qs.append(log_q.flatten(1).sum(1))
-            log_ps.append(log_p.flatten(1).sum(1))
-            kls.append(kl.sum(dim=(2, 3)))
-            latents.append(z)
-            return z
-
-        mu_q, log_sigma_q = bottom_up.q0.chunk(2, dim=1)
-        zeros = torch.zeros_like(mu_q)
-        z = visit(Normal(mu_q, log_sigma_q), Normal(zeros, zeros), 0)
-
-        s = self.h0.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
-        group = 0
-        for cell in self.decoder_tower:
-            if isinstance(cell, DecCombiner):
-                if group > 0:
-                    mu_p, log_sigma_p = self.prior_heads[group - 1](s).chunk(2, dim=1)
-                    prior = Normal(mu_p, log_sigma_p)
-                    feature = enc_combiners[group - 1](enc_states[group - 1], s)
-                    mu_q, log_sigma_q = self.posterior_heads[group](feature).chunk(2, dim=1)
-                    if self.config.res_dist:
-                        q = ResidualNormal(mu_p, log_sigma_p, mu_q, log_sigma_q, prior)
-                    else:
-                        q = Normal(mu_q, log_sigma_q)
-                    z = visit(q, prior, group)
-                s = cell(s, z)
-                group += 1
-            else:
-                s = cell(s)
-
-        logits = self._decode_tail(s)
+        rule = FromPosterior(temperature, generator)
+        logits = self.top_down(x.shape[0], rule, self.encode(x) if bottom_up is None else bottom_up)
         recon = -sum_log_prob(self.output_distribution(logits).log_prob(x), self.config.crop_output)
-        kl_channels = torch.stack(kls, dim=1)
-        return NVAEOutput(logits=logits, recon=recon, kl=kl_channels.sum(2), log_q=sum(log_qs),
-                          log_p=sum(log_ps), kl_per_channel=kl_channels, latents=tuple(latents))
+        kl_channels = torch.stack(rule.kl, dim=1)
+        return NVAEOutput(logits=logits, recon=recon, kl=kl_channels.sum(2), log_q=sum(rule.log_q),
+                          log_p=sum(rule.log_p), kl_per_channel=kl_channels, latents=tuple(rule.latents))
 
     # --------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -314,35 +308,26 @@ class NVAE(nn.Module):
         ``temperature`` (one value, or one per group in decoder order) scales every
         prior sigma; 0 takes every z at its prior mean.
         """
-        temps = _per_group(temperature, self.num_groups)
-
-        def prior_sample(group: int, s: torch.Tensor) -> torch.Tensor:
-            if group == 0:
-                zeros = self.h0.new_zeros((n,) + self.latent_shapes[0])
-                return Normal(zeros, zeros, temps[0]).sample(generator)
-            mu_p, log_sigma_p = self.prior_heads[group - 1](s).chunk(2, dim=1)
-            return Normal(mu_p, log_sigma_p, temps[group]).sample(generator)
-
-        return self._top_down(n, prior_sample)
+        return self.top_down(n, FromPrior(per_group(temperature, self.num_groups), generator))
 
     @torch.no_grad()
     def decode_logits(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
         """Parameters of p(x|z) for given latents, one tensor per group (e.g. ``NVAEOutput.latents``)."""
         if len(latents) != self.num_groups:
             raise ValueError(f"got {len(latents)} latent groups for a model with {self.num_groups}")
-        return self._top_down(latents[0].shape[0], lambda group, s: latents[group])
+        return self.top_down(latents[0].shape[0], Given(latents))
 
-    def _top_down(self, n: int, latent_for_group) -> torch.Tensor:
-        """Run the decoder from h0; ``latent_for_group(group, state)`` supplies each z."""
-        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1)
-        group = 0
-        for cell in self.decoder_tower:
-            if isinstance(cell, DecCombiner):
-                s = cell(s, latent_for_group(group, s))
-                group += 1
-            else:
-                s = cell(s)
-        return self._decode_tail(s)
+    @torch.no_grad()
+    def partial_posterior_logits(self, x: torch.Tensor, keep: int, temperature: float = 1.0,
+                                 posterior_temperature: float = 0.0,
+                                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Parameters of p(x|z) with the first ``keep`` groups from q(z|x) (at ``posterior_temperature``,
+        0: the means) and the rest from the prior at ``temperature``: what the top ``keep`` groups
+        say about ``x``. ``keep = num_groups`` is the reconstruction, ``keep = 0`` a prior sample."""
+        if not 0 <= keep <= self.num_groups:
+            raise ValueError(f"keep must be in 0..{self.num_groups} (the number of groups), got {keep}")
+        rule = PartialPosterior(keep, temperature, posterior_temperature, generator)
+        return self.top_down(x.shape[0], rule, self.encode(x))
 
     @torch.no_grad()
     def sample(self, n: int, temperature: Temperature = 1.0, generator: Optional[torch.Generator] = None,
@@ -360,15 +345,6 @@ class NVAE(nn.Module):
         return dist.mean() if mean else dist.sample(1.0, generator)
 
     # ------------------------------------------------------------- likelihood
-    @contextlib.contextmanager
-    def _eval_mode(self):
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
     @torch.no_grad()
     def importance_sample(self, x: torch.Tensor, num_samples: int, max_batch: Optional[int] = None,
                           generator: Optional[torch.Generator] = None):
@@ -387,7 +363,7 @@ class NVAE(nn.Module):
         b = x.shape[0]
         per_chunk = max(1, max_batch // b)
         log_w, nelbo = [], []
-        with self._eval_mode():
+        with training_mode(self, False):
             bottom_up = self.encode(x)   # deterministic in eval mode: once, not K times
             for start in range(0, num_samples, per_chunk):
                 k = min(per_chunk, num_samples - start)
@@ -410,29 +386,25 @@ class NVAE(nn.Module):
         """
         return iw_bound(self.log_importance_weights(x, num_samples, max_batch, generator))
 
+    # ---------------------------------------------------- memory options
     def set_checkpointing(self, enabled: bool = True, roles: Optional[Sequence[str]] = None) -> "NVAE":
-        """Recompute cells in the backward pass instead of storing their activations.
+        """Recompute cells in the backward pass instead of storing their activations (:mod:`nvae.memory`).
 
         Same loss, gradients and BN statistics; less memory, more compute.
         ``roles`` restricts it to some cell roles (e.g. ``["normal_dec", "up_dec",
         "normal_post", "up_post"]``: the generative model's wide separable cells).
         """
-        roles = None if roles is None else cell_roles(roles)
-        for cell in self.modules():
-            if isinstance(cell, Cell):
-                cell.checkpointing = enabled and (roles is None or cell.role in roles)
+        memory.set_checkpointing(self, enabled, roles)
         return self
 
     def set_recompute_bn(self, enabled: bool = True) -> "NVAE":
         """Keep only BN inputs for the backward pass and recompute the BN and Swish outputs there.
 
-        Same values, gradients and BN statistics (:mod:`nvae.fused`); in the
-        separable cells two thirds of the wide activations are not stored.
+        Same values, gradients and BN statistics (:mod:`nvae.memory`, :mod:`nvae.fused`);
+        in the separable cells two thirds of the wide activations are not stored.
         Composes with :meth:`set_checkpointing`.
         """
-        for m in self.modules():
-            if hasattr(m, "recompute_bn"):
-                m.recompute_bn = enabled
+        memory.set_recompute_bn(self, enabled)
         return self
 
     # ---------------------------------------------------------- regularisers
@@ -448,17 +420,14 @@ class NVAE(nn.Module):
     # ------------------------------------------------------------ checkpoints
     def save(self, path: Union[str, Path], **extra) -> None:
         """Write config, weights and buffers to ``path`` atomically (see :mod:`nvae.checkpoint`)."""
-        from .checkpoint import save_model
         save_model(self, path, **extra)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> "NVAE":
         """Rebuild a model saved by :meth:`save` (never unpickles anything but tensors and plain data)."""
-        from .checkpoint import load_model
-        return load_model(path, map_location)
+        return load_model(cls, path, map_location)
 
     @classmethod
     def from_official(cls, path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> "NVAE":
         """Load a checkpoint written by the official NVlabs/NVAE ``train.py``; returns it in eval mode."""
-        from .official import load_official
-        return load_official(path, map_location)
+        return load_official(cls, path, map_location)

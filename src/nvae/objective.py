@@ -52,15 +52,6 @@ def regularization_coefficient(beta: float, weight_decay_norm: float, weight_dec
     return math.exp((1.0 - beta) * math.log(weight_decay_norm_init) + beta * math.log(weight_decay_norm))
 
 
-def iw_bound(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """The importance-weighted bound ``logsumexp_k(log w_k) - log K`` over ``dim`` (Burda et al.).
-
-    With K = 1 it is the ELBO; it never exceeds log p(x) in expectation and
-    tends to it as K grows.
-    """
-    return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
-
-
 class Loss(NamedTuple):
     loss: torch.Tensor          #: the scalar to minimise
     nelbo: torch.Tensor         #: (B,) recon + KL (unbalanced, beta = 1), nats

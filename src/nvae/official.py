@@ -2,9 +2,10 @@
 
 An official checkpoint is a ``torch.save`` dict whose ``args`` is an
 ``argparse.Namespace``; it is read with ``weights_only=True`` and exactly that
-class on the allow-list. Our modules are built in the official order, so its
-state dict maps onto ours entry by entry; every pair is checked by role
-(weight, bias, running mean, ...) and shape, and a mismatch is an error.
+class on the allow-list. Its entries are matched to ours by name
+(:func:`nvae.keymap.key_map`: each of our modules knows its official name from its
+role in the network), and checked both ways: every official tensor is used once,
+every one of ours is filled, shapes are equal; the first mismatch is named.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Dict, Union
 import torch
 
 from .checkpoint import CheckpointError, safe_load
-from .config import NVAEConfig
+from .config import ARCH_INSTANCES, NVAEConfig
+from .keymap import key_map
 
 _GREY = {"mnist", "omniglot"}
 _CROPPED = {"mnist", "omniglot", "stacked_mnist"}
@@ -24,9 +26,6 @@ _SIZES = {"mnist": 32, "omniglot": 32, "stacked_mnist": 32, "cifar10": 32, "ffhq
 # Official entries with no counterpart: ``weight_normalized`` is an alias of
 # ``weight`` that the official convs without weight norm register by accident.
 _OFFICIAL_ALIASES = (".weight_normalized",)
-# Our entries with no official counterpart (power-iteration vectors, data-init flags).
-_OURS_ONLY_PREFIXES = ("spectral.",)
-_OURS_ONLY_SUFFIXES = (".init_done",)
 
 
 def config_from_args(args: Union[argparse.Namespace, dict]) -> NVAEConfig:
@@ -43,7 +42,6 @@ def config_from_args(args: Union[argparse.Namespace, dict]) -> NVAEConfig:
     num_mix = int(a.get("num_mixture_dec", 10))
     decoder = "bernoulli" if grey else ("normal" if num_mix == 1 else "mixture")
     arch = a.get("arch_instance", "res_mbconv")
-    from .cells import ARCH_INSTANCES
     if arch not in ARCH_INSTANCES:
         raise CheckpointError(f"official arch_instance {arch!r} is not supported (known: "
                               f"{', '.join(sorted(ARCH_INSTANCES))}); 'res_mbconv9' is broken in the official code")
@@ -66,40 +64,46 @@ def config_from_args(args: Union[argparse.Namespace, dict]) -> NVAEConfig:
         raise CheckpointError(f"the official configuration cannot be represented: {e}") from None
 
 
-def _role(key: str) -> str:
-    return key.rsplit(".", 1)[-1]
-
-
 def convert_state_dict(official: Dict[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
-    """Map an official state dict onto ``model``'s keys (checked by role and shape)."""
-    theirs = [(k, v) for k, v in official.items() if not k.endswith(_OFFICIAL_ALIASES)]
-    ours = [(k, v) for k, v in model.state_dict().items()
-            if not k.startswith(_OURS_ONLY_PREFIXES) and not k.endswith(_OURS_ONLY_SUFFIXES)]
-    if len(theirs) != len(ours):
-        raise CheckpointError(f"official state dict has {len(theirs)} entries, the model built from its args "
-                              f"expects {len(ours)}; the checkpoint and its args disagree")
-    out = {}
-    for (tk, tv), (ok, ov) in zip(theirs, ours):
-        their_role = "h0" if tk == "prior_ftr0" else _role(tk)
-        if their_role != _role(ok) or tuple(tv.shape) != tuple(ov.shape):
-            raise CheckpointError(f"official entry {tk} {tuple(tv.shape)} does not match {ok} {tuple(ov.shape)}")
-        out[ok] = tv
-    return out
+    """The official state dict under ``model``'s keys, checked both ways by name and shape.
+
+    Our entries the official code does not store (power-iteration vectors, data-init
+    flags) are left out; ``load_state_dict(..., strict=False)`` keeps ours for them.
+    """
+    names = key_map(model, "official")
+    theirs = {k: v for k, v in official.items() if not k.endswith(_OFFICIAL_ALIASES)}
+    ours = model.state_dict()
+    missing = [(o, t) for o, t in names.items() if t not in theirs]
+    if missing:
+        o, t = missing[0]
+        raise CheckpointError(f"the official checkpoint lacks {t} (our {o}) and {len(missing) - 1} more; "
+                              "the checkpoint and its args disagree")
+    unused = sorted(set(theirs) - set(names.values()))
+    if unused:
+        raise CheckpointError(f"official entry {unused[0]} (and {len(unused) - 1} more) has no counterpart in the "
+                              "model its args describe; the checkpoint and its args disagree")
+    for o, t in names.items():
+        if tuple(theirs[t].shape) != tuple(ours[o].shape):
+            raise CheckpointError(f"official entry {t} {tuple(theirs[t].shape)} does not match {o} "
+                                  f"{tuple(ours[o].shape)}")
+    return {o: theirs[t] for o, t in names.items()}
 
 
-def load_official(path: Union[str, Path], map_location="cpu"):
-    """An :class:`~nvae.NVAE` in eval mode from an official checkpoint."""
-    from .model import NVAE
+def load_official(cls, path: Union[str, Path], map_location="cpu"):
+    """A model of class ``cls`` (:class:`~nvae.NVAE`) in eval mode from an official checkpoint."""
     ckpt = safe_load(path, map_location, allowed_globals=[argparse.Namespace])
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "args" not in ckpt:
         raise CheckpointError(f"{path} is not an official NVAE checkpoint (no 'state_dict' and 'args')")
-    model = NVAE(config_from_args(ckpt["args"]))
-    state = convert_state_dict(ckpt["state_dict"], model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected, unexpected
+    model = cls(config_from_args(ckpt["args"]))
+    model.load_state_dict(convert_state_dict(ckpt["state_dict"], model), strict=False)
     # The official code keeps no record of data-dependent initialisation; a trained
     # checkpoint has had it, so it must not run again on the next batch.
     for name, buf in model.named_buffers():
         if name.endswith(".init_done"):
             buf.fill_(True)
     return model.to(map_location).eval()
+
+
+#: Official ``--dataset`` names and our data sets.
+OFFICIAL_DATASETS = {"mnist": "mnist", "cifar10": "cifar10", "celeba_64": "celeba64", "imagenet_32": "imagenet32",
+                     "celeba_256": "celebahq256", "ffhq": "ffhq256"}

@@ -7,7 +7,7 @@ the Lipschitz constant of the decoder (and so the KL) from blowing up.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List
+from typing import Callable, List
 
 import torch
 import torch.nn as nn
@@ -27,11 +27,15 @@ class SpectralRegularizer(nn.Module):
     stacked and iterated together. The singular-vector estimates ``u_i``, ``v_i``
     are buffers: they persist across steps (4 iterations per call after 40 on the
     first) and travel in every checkpoint, so a resumed run continues the same
-    estimate. No gradient flows through them.
+    estimate. No gradient flows through them. ``weight_of(conv)`` gives the weight
+    to regularise (the model passes :func:`nvae.memory.forward_weight`, which reuses
+    the forward pass's normalised weight).
     """
 
-    def __init__(self, convs: List[nn.Conv2d], num_power_iter: int = 4, first_call_factor: int = 10):
+    def __init__(self, convs: List[nn.Conv2d], num_power_iter: int = 4, first_call_factor: int = 10,
+                 weight_of: Callable[[nn.Conv2d], torch.Tensor] = effective_weight):
         super().__init__()
+        self.weight_of = weight_of
         self.num_power_iter = num_power_iter
         self.first_call_factor = first_call_factor
         groups: "OrderedDict[tuple, List[nn.Conv2d]]" = OrderedDict()
@@ -58,7 +62,7 @@ class SpectralRegularizer(nn.Module):
         steps = self.num_power_iter * (1 if bool(self.initialized) else self.first_call_factor)
         sigmas = []
         for i, members in enumerate(self._groups):
-            w = torch.stack([effective_weight(c, reuse_forward=True).flatten(1) for c in members])
+            w = torch.stack([self.weight_of(c).flatten(1) for c in members])
             u, v = getattr(self, f"u{i}"), getattr(self, f"v{i}")
             self._power_iteration(w.detach().to(u.dtype), u, v, steps)
             sigma = (torch.bmm(u.unsqueeze(1).to(w.dtype), w).squeeze(1) * v.to(w.dtype)).sum()

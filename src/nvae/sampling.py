@@ -13,8 +13,9 @@ from .model import NVAE, Temperature
 
 def decoder_bn_layers(model: NVAE) -> Dict[str, nn.modules.batchnorm._BatchNorm]:
     """The BN layers the generative path uses (decoder tower and post-process), by name."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and name.startswith(("decoder_tower.", "postprocess."))}
+    return {name: m for part in ("decoder_stages", "postprocess")
+            for name, m in getattr(model, part).named_modules(prefix=part)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from .cells import cell_roles
 from .checkpoint import CheckpointError, read_checkpoint, save_png
-from .config import NVAEConfig
+from .config import TRAIN_PRESETS, NVAEConfig, TrainConfig  # noqa: F401  (re-exported)
 from .data import build_dataset, prepare_batch
 from .distributed import DistributedContext, init_distributed, wrap_model
 from .model import NVAE
@@ -38,107 +38,6 @@ from .resume import ResumableSampler, StopSignal, capture_rng, restore_rng
 from .stability import GradientGuard, TrainingDiverged
 
 log = logging.getLogger("nvae.train")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The optimisation recipe. Defaults are the official ``train.py`` defaults."""
-
-    dataset: str = "digits"
-    epochs: int = 200
-    batch_size: int = 200
-    learning_rate: float = 1e-2
-    learning_rate_min: float = 1e-4
-    weight_decay: float = 3e-4
-    warmup_epochs: int = 5
-    weight_decay_norm: float = 1e-2
-    weight_decay_norm_init: float = 10.0
-    weight_decay_norm_anneal: bool = False
-    kl_anneal_portion: float = 0.3
-    kl_const_portion: float = 1e-4
-    kl_const_coeff: float = 1e-4
-    kl_balance: bool = True
-    seed: int = 1
-    max_steps: Optional[int] = None      #: stop early (the schedules still follow ``epochs``)
-    max_minutes: Optional[float] = None  #: stop after this much wall-clock training time
-    flip: Optional[bool] = None          #: horizontal flips of training images (None: the data set's default)
-    strict_data: bool = False            #: unreadable images and wrong channel counts are errors, not skips
-    precision: str = "fp32"
-    channels_last: bool = False
-    checkpointing: bool = False
-    #: with ``checkpointing``, the cell roles to recompute (None: every cell), e.g. ("normal_post", "up_post")
-    checkpointing_roles: Optional[Tuple[str, ...]] = None
-    recompute_bn: bool = False           #: store BN inputs only; recompute BN and Swish in backward
-    log_every: int = 50
-    image_every: int = 500
-    checkpoint_every: int = 1000
-    deterministic: bool = False          #: torch.use_deterministic_algorithms (bit-exact resume on GPU too)
-    skip_grad_factor: Optional[float] = 10.0   #: skip steps whose grad norm exceeds this x the running quantile
-    skip_grad_quantile: float = 0.95
-    skip_grad_window: int = 200
-    max_consecutive_skips: int = 20      #: then roll back to the last checkpoint (0: never)
-    rollback_lr_factor: float = 0.5      #: learning-rate multiplier applied at each roll-back
-
-    def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        for name in ("batch_size", "epochs", "log_every", "image_every", "checkpoint_every", "skip_grad_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 (or None for the whole schedule), got {self.max_steps}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0 (or None), got {self.max_minutes}")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs}): the learning "
-                             "rate would never finish warming up; lower warmup_epochs or raise epochs")
-        if self.learning_rate_min > self.learning_rate:
-            raise ValueError(f"learning_rate_min ({self.learning_rate_min}) exceeds learning_rate "
-                             f"({self.learning_rate})")
-        if not 0 < self.rollback_lr_factor <= 1:
-            raise ValueError(f"rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}")
-        if self.max_consecutive_skips < 0:
-            raise ValueError(f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
-        if self.checkpointing_roles is not None:
-            try:   # JSON brings a list, overrides a comma-separated string
-                object.__setattr__(self, "checkpointing_roles", cell_roles(self.checkpointing_roles))
-            except ValueError as e:
-                raise ValueError(f"checkpointing_roles: {e}") from None
-            if not self.checkpointing:
-                raise ValueError("checkpointing_roles needs checkpointing=True (nvae train --checkpointing ROLES)")
-
-    def to_dict(self) -> dict:
-        # Lists, as JSON gives them back, so a stored config compares equal to its reload.
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; they may come from another nvae version")
-        return cls(**data)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "TrainConfig":
-        if name not in TRAIN_PRESETS:
-            raise ValueError(f"no training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
-        return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
-
-
-#: Official per-data-set recipes (NVAE.md section 5; per-GPU batch sizes).
-TRAIN_PRESETS = {
-    "digits": TrainConfig(dataset="digits", epochs=60, batch_size=64, warmup_epochs=2, image_every=250),
-    "mnist": TrainConfig(dataset="mnist", epochs=400, batch_size=200, weight_decay_norm=1e-2),
-    "mnist_small": TrainConfig(dataset="mnist", epochs=400, batch_size=200, weight_decay_norm=1e-2),
-    "cifar10": TrainConfig(dataset="cifar10", epochs=400, batch_size=32, weight_decay_norm=1e-2),
-    "celeba64": TrainConfig(dataset="celeba64", epochs=90, batch_size=16, weight_decay_norm=1e-1),
-    "imagenet32": TrainConfig(dataset="imagenet32", epochs=45, batch_size=24, weight_decay_norm=1e-2,
-                              weight_decay_norm_init=1.0, weight_decay_norm_anneal=True),
-    "celebahq256": TrainConfig(dataset="celebahq256", epochs=300, batch_size=4, weight_decay_norm=1e-2,
-                               weight_decay_norm_init=1.0, weight_decay_norm_anneal=True),
-    "ffhq256": TrainConfig(dataset="ffhq256", epochs=200, batch_size=4, learning_rate=8e-3,
-                           weight_decay_norm=1e-1, weight_decay_norm_init=1.0, weight_decay_norm_anneal=True),
-}
 
 
 def learning_rate(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
