@@ -216,6 +216,9 @@ def probe(model_cfg, variant: Variant, settings: Settings, x, device) -> dict:
 
     from nvae import NVAE
     from nvae.objective import kl_balance_alpha
+    from nvae.distributed import DistributedContext
+    from nvae.state import AUTOCAST, TrainState
+    from nvae.step import Coefficients
     from nvae.train import TrainConfig, train_step
     was_reset = _reset_peak_rss()
     base_rss = _status_mb("VmRSS")
@@ -229,16 +232,16 @@ def probe(model_cfg, variant: Variant, settings: Settings, x, device) -> dict:
         x = x.contiguous(memory_format=torch.channels_last)
     defaults = TrainConfig.preset(settings.dataset)
     opt = torch.optim.Adamax(model.parameters(), lr=1e-4, eps=1e-3, weight_decay=defaults.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+    state = TrainState(model, opt, scaler=torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16"),
+                       dist=DistributedContext(device=device), autocast_dtype=AUTOCAST[settings.precision])
     alpha = kl_balance_alpha(model_cfg.groups_per_scale).to(device)
-    lam = defaults.weight_decay_norm if variant.spectral else 0.0
+    coeffs = Coefficients(0.5, defaults.weight_decay_norm if variant.spectral else 0.0, alpha, variant.kl_balance)
     times, cpu_times = [], []
     for i in range(2 + settings.probe_steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        train_step(model, opt, scaler, x, 0.5, lam, alpha, variant.kl_balance, dtype)
+        train_step(state, x, coeffs, max_grad_norm=float("inf"))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= 2:
@@ -274,7 +277,7 @@ def run_variant(variant: Variant, settings: Settings, run_dir: Path) -> dict:
     if len(train_set) < settings.batch_size:
         raise ValueError(f"{len(train_set)} training images is fewer than one batch of {settings.batch_size}")
     x = next(iter(DataLoader(train_set, batch_size=settings.batch_size)))[0]
-    x = prepare_batch(x, model_cfg.decoder, model_cfg.num_x_bits, torch.Generator().manual_seed(0)).to(device)
+    x = prepare_batch(x, model_cfg, torch.Generator().manual_seed(0)).to(device)
     speed = probe(model_cfg, variant, settings, x, device)
 
     steps_per_epoch = len(train_set) // settings.batch_size

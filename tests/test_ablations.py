@@ -16,6 +16,8 @@ from conftest import DATA, needs_shared
 from nvae import NVAE, NVAEConfig
 from nvae.layers import SqueezeExcitation, WNConv2d
 from nvae.objective import balanced_kl, kl_balance_alpha, nvae_loss
+from nvae.state import TrainState
+from nvae.step import Coefficients
 from nvae.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,13 +215,12 @@ def test_every_variant_trains_a_step_and_round_trips(arch, model_kw, step_kw, tm
     cfg = tiny(arch_instance=arch, **model_kw)
     model = NVAE(cfg).train()
     assert any(isinstance(m, SqueezeExcitation) for m in model.modules()) == cfg.use_se
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = TrainState(model, torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = (torch.rand(4, 1, 8, 8) < 0.4).float()
     lam, balance = step_kw.get("lam", 1e-2), step_kw.get("balance", True)
-    out, grad_norm, stepped = train_step(model, opt, scaler, x, 0.5, lam, kl_balance_alpha(cfg.groups_per_scale),
-                                         balance)
+    out, grad_norm, stepped = train_step(state, x, Coefficients(0.5, lam, kl_balance_alpha(cfg.groups_per_scale),
+                                                                balance))
     assert stepped and torch.isfinite(out.loss) and torch.isfinite(grad_norm)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert sum(not torch.equal(p, before[n]) for n, p in model.named_parameters()) > len(before) // 2

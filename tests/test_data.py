@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import DATA, needs_shared
+from nvae import NVAEConfig
 from nvae.data import (CELEBA64_CROP, DataError, available, build_dataset, celeba64_transform, image_transform,
                        prepare_batch, quantize, write_lmdb)
 
@@ -174,18 +175,19 @@ def test_quantize_matches_official_formula(bits):
     # ... and that formula is exact integer bit-dropping here (no float off-by-one at bin edges)
     assert torch.equal(q, (k >> (8 - bits)).float() / (2 ** bits - 1))
     assert q.min() == 0 and q.max() == 1 and q.unique().numel() == 2 ** bits
-    assert torch.equal(prepare_batch(x, "mixture", bits), q)
+    assert torch.equal(prepare_batch(x, NVAEConfig(decoder="mixture", num_x_bits=bits)), q)
 
 
 def test_prepare_batch_binarises_afresh_each_call():
     x = torch.rand(64, 1, 32, 32)
-    a, b = prepare_batch(x, "bernoulli", 8), prepare_batch(x, "bernoulli", 8)
+    binary = NVAEConfig(decoder="bernoulli")
+    a, b = prepare_batch(x, binary), prepare_batch(x, binary)
     assert not torch.equal(a, b)
     assert set(a.unique().tolist()) <= {0.0, 1.0}
     assert abs(a.mean().item() - x.mean().item()) < 0.01
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(prepare_batch(x, "bernoulli", 8, g1), prepare_batch(x, "bernoulli", 8, g2))
-    assert not torch.equal(prepare_batch(x, "bernoulli", 8, g1), prepare_batch(x, "bernoulli", 8, g1))
+    assert torch.equal(prepare_batch(x, binary, g1), prepare_batch(x, binary, g2))
+    assert not torch.equal(prepare_batch(x, binary, g1), prepare_batch(x, binary, g1))
 
 
 # ------------------------------------------------------------------ transforms

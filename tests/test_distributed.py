@@ -19,6 +19,8 @@ from nvae.distributed import (DistributedContext, SyncBatchNorm2d, convert_sync_
 from nvae.layers import batch_norm
 from nvae.memory import frozen_batch_statistics
 from nvae.objective import kl_balance_alpha
+from nvae.state import TrainState
+from nvae.step import Coefficients
 from nvae.train import train_step
 
 # Uneven shares on purpose: the global statistics must weight each process by its count.
@@ -199,14 +201,13 @@ class _PosteriorMeans:
 
 def _run_steps(net, model, x, dist_ctx=None):
     opt = torch.optim.Adamax(model.parameters(), lr=LR, eps=1e-3, weight_decay=3e-4)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    alpha = kl_balance_alpha(model.config.groups_per_scale)
+    # beta = 1: KL balancing (per-process batch means, as the official code) is off.
+    coeffs = Coefficients(1.0, 1e-2, kl_balance_alpha(model.config.groups_per_scale))
+    state = TrainState(model, opt, net=_PosteriorMeans(net), dist=dist_ctx or DistributedContext())
     net.train()
     log = []
     for _ in range(STEPS):
-        # beta = 1: KL balancing (per-process batch means, as the official code) is off.
-        out, grad_norm, stepped = train_step(_PosteriorMeans(net), opt, scaler, x, 1.0, 1e-2, alpha,
-                                             dist_ctx=dist_ctx)
+        out, grad_norm, stepped = train_step(state, x, coeffs)
         log.append((out.nelbo.detach(), float(grad_norm), stepped))
     return {"nelbo": torch.stack([n for n, _, _ in log]), "grad_norm": torch.tensor([g for _, g, _ in log]),
             "stepped": all(s for _, _, s in log), "state": {k: v.clone() for k, v in model.state_dict().items()},
@@ -225,10 +226,8 @@ def _ddp_worker(rank: int, checkpointing: bool) -> dict:
     # Only process 1's loss is non-finite (its gradients, and so the averaged ones, are
     # finite): the skip must still be collective, or the replicas would part ways.
     before = [p.detach().clone() for p in model.parameters()]
-    opt = result.pop("opt")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    _, _, stepped = train_step(_PosteriorMeans(net, poison=rank == 1), opt, scaler, x, 1.0, 1e-2, None,
-                               dist_ctx=dist_ctx)
+    state = TrainState(model, result.pop("opt"), net=_PosteriorMeans(net, poison=rank == 1), dist=dist_ctx)
+    _, _, stepped = train_step(state, x, Coefficients(1.0, 1e-2, None))
     result["poisoned_step_taken"] = stepped
     result["weights_unchanged"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     return result

@@ -9,6 +9,8 @@ from nvae import NVAE, NVAEConfig
 from nvae.data import build_dataset
 from nvae.objective import kl_balance_alpha
 from nvae.stability import GradientGuard
+from nvae.state import TrainState
+from nvae.step import Coefficients
 from nvae.train import TrainConfig, TrainingDiverged, train, train_step
 
 
@@ -20,11 +22,11 @@ def _setup():
     torch.manual_seed(0)
     model = NVAE(_tiny()).train()
     opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    alpha = kl_balance_alpha(model.config.groups_per_scale)
+    state = TrainState(model, opt)
+    coeffs = Coefficients(beta=1.0, lam=1e-2, alpha=kl_balance_alpha(model.config.groups_per_scale))
     x = (torch.rand(8, 1, 8, 8) > 0.5).float()
-    train_step(model, opt, scaler, x, 1.0, 1e-2, alpha)   # data-dependent init and a first update
-    return model, opt, scaler, alpha, x
+    train_step(state, x, coeffs)   # data-dependent init and a first update
+    return model, state, coeffs, x
 
 
 def _snapshot(model):
@@ -37,23 +39,25 @@ def _assert_unchanged(model, before):
 
 
 def test_nan_batch_is_skipped_and_leaves_weights_and_bn_statistics_untouched():
-    model, opt, scaler, alpha, x = _setup()
+    model, state, coeffs, x = _setup()
+    opt = state.optimizer
     before, opt_before = _snapshot(model), opt.state_dict()["state"][0]["exp_avg"].clone()
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
-    out, grad_norm, stepped = train_step(model, opt, scaler, bad, 1.0, 1e-2, alpha)
+    out, grad_norm, stepped = train_step(state, bad, coeffs)
     assert not stepped and not torch.isfinite(out.loss)
     _assert_unchanged(model, before)                  # BN running means/vars included
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt_before)
+    assert state.guard.total == 1 and state.step == 2
     # the next good step trains normally from the untouched state
-    _, _, stepped = train_step(model, opt, scaler, x, 1.0, 1e-2, alpha)
+    _, _, stepped = train_step(state, x, coeffs)
     assert stepped
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
 
 
 def test_bn_statistics_would_be_poisoned_without_the_restore():
     """The NaN batch really reaches the BN statistics in the forward pass (so the restore matters)."""
-    model, _, _, _, x = _setup()
+    model, _, _, x = _setup()
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     model(bad)
@@ -62,20 +66,20 @@ def test_bn_statistics_would_be_poisoned_without_the_restore():
 
 
 def test_inf_gradient_is_skipped():
-    model, opt, scaler, alpha, x = _setup()
+    model, state, coeffs, x = _setup()
     before = _snapshot(model)
     param = next(model.parameters())
     handle = param.register_hook(lambda g: torch.full_like(g, float("inf")))
-    out, grad_norm, stepped = train_step(model, opt, scaler, x, 1.0, 1e-2, alpha)
+    out, grad_norm, stepped = train_step(state, x, coeffs)
     handle.remove()
     assert torch.isfinite(out.loss) and not torch.isfinite(grad_norm) and not stepped
     _assert_unchanged(model, before)
 
 
 def test_gradient_spike_above_the_threshold_is_skipped():
-    model, opt, scaler, alpha, x = _setup()
+    model, state, coeffs, x = _setup()
     before = _snapshot(model)
-    _, grad_norm, stepped = train_step(model, opt, scaler, x, 1.0, 1e-2, alpha, max_grad_norm=1e-6)
+    _, grad_norm, stepped = train_step(state, x, coeffs, max_grad_norm=1e-6)
     assert math.isfinite(grad_norm.item()) and not stepped
     _assert_unchanged(model, before)
 

@@ -229,7 +229,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     _, data = _eval_data(args, ckpt)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
-    x = prepare_batch(x, model.config.decoder, model.config.num_x_bits, gen)
+    x = prepare_batch(x, model.config, gen)
     with torch.no_grad():
         dist = model.output_distribution(model(x, temperature=args.temperature, generator=gen).logits)
         recon = dist.mean() if args.temperature == 0 or model.config.decoder == "bernoulli" else dist.sample(1.0, gen)
@@ -275,7 +275,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
             raise ValueError(f"image index {i} is outside the {args.split} split (0..{len(data) - 1})")
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[args.a][0], data[args.b][0]]).to(args.device)
-    x = prepare_batch(x, model.config.decoder, model.config.num_x_bits, gen)
+    x = prepare_batch(x, model.config, gen)
     groups = [int(g) for g in args.groups.split(",")] if args.groups else None
     with torch.no_grad():
         latents = model(x, temperature=0.0).latents           # posterior means

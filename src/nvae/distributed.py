@@ -98,6 +98,14 @@ class DistributedContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def any_of(self, *flags: bool) -> Tuple[bool, ...]:
+        """:meth:`any` of each flag, in one collective."""
+        if not self.enabled:
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(bool(v > 0) for v in t.tolist())
+
     def close(self) -> None:
         """Tear down the process group if :func:`init_distributed` created it."""
         if self.owns_process_group and dist.is_initialized():

@@ -187,7 +187,7 @@ def evaluate(model: NVAE, data: Dataset, num_samples: int = 1000, batch_size: in
         for b in range(start + rank, stop, world):
             x = next(batches)[0].to(device)
             g = torch.Generator(device).manual_seed(batch_seed(seed, b))
-            x = prepare_batch(x, cfg.decoder, cfg.num_x_bits, g)
+            x = prepare_batch(x, cfg, g)
             log_w, nelbo = model.importance_sample(x, num_samples, max_batch, g)
             sums[0, b - start] = -iw_bound(log_w.double()).sum().item()
             sums[1, b - start] = nelbo.double().mean(0).sum().item()
@@ -293,7 +293,7 @@ def kl_statistics(model: NVAE, data: Dataset, batch_size: int = 64, max_images: 
     for (x,) in tqdm(loader, desc="kl-stats", disable=not progress, total=math.ceil(total / batch_size)):
         if seen >= total:
             break
-        x = prepare_batch(x[: total - seen], cfg.decoder, cfg.num_x_bits, generator).to(device)
+        x = prepare_batch(x[: total - seen], cfg, generator).to(device)
         part = model(x, generator=generator).kl_per_channel.double().sum(0)
         kl_channels = part if kl_channels is None else kl_channels + part
         seen += x.shape[0]

@@ -91,8 +91,9 @@ def quantize(x: torch.Tensor, num_bits: int) -> torch.Tensor:
     return torch.floor(x * 255 / 2 ** (8 - num_bits)) / (2 ** num_bits - 1)
 
 
-def prepare_batch(x: torch.Tensor, decoder: str, num_bits: int, generator: Optional[torch.Generator] = None):
-    """What the model sees: binarised afresh (Bernoulli decoder) or quantised to ``num_bits``."""
-    if decoder == "bernoulli":
+def prepare_batch(x: torch.Tensor, config, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """What a model of ``config`` (an :class:`~nvae.NVAEConfig`) sees: images binarised afresh
+    (Bernoulli decoder) or quantised to ``config.num_x_bits``."""
+    if config.decoder == "bernoulli":
         return torch.bernoulli(x, generator=generator)
-    return quantize(x, num_bits)
+    return quantize(x, config.num_x_bits)

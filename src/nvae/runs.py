@@ -1,0 +1,200 @@
+"""Run directories: the checks before a run is written or resumed, what it logs, and reading models back.
+
+A run directory holds ``model_config.json``, ``train_config.json``, ``checkpoint.pt``
+(:meth:`nvae.state.TrainState.save`), TensorBoard ``events.*``, ``samples.png``,
+``reconstructions.png`` and ``log.txt``. :func:`load_any` reads a model from a run
+directory, one of our checkpoints or an official one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_load, save_png
+from .config import NVAEConfig, TrainConfig
+from .data import prepare_batch
+from .model import NVAE, training_mode
+from .official import OFFICIAL_DATASETS
+
+log = logging.getLogger("nvae.train")
+
+#: Options that only steer a run (when to stop, log, write): a resumed run may change them.
+RUN_CONTROL = ("max_steps", "max_minutes", "log_every", "image_every", "checkpoint_every")
+
+
+class RunDirError(ValueError):
+    """The run directory does not fit the request (holds another run, or nothing to resume)."""
+
+
+# ------------------------------------------------------------------ checks
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "checkpoint.pt").exists() or (run_dir / "model_config.json").exists()
+
+
+def stored_run_configs(run_dir: Path):
+    """(model config dict, train config dict, checkpoint dict or None) of an existing run directory."""
+    ckpt = run_dir / "checkpoint.pt"
+    if ckpt.is_file():
+        state = read_checkpoint(ckpt)
+        if not isinstance(state.get("train_config"), dict):
+            raise CheckpointError(f"{ckpt} holds a model but no training state; it cannot be resumed")
+        return state["config"], state["train_config"], state
+    try:
+        return (json.loads((run_dir / "model_config.json").read_text()),
+                json.loads((run_dir / "train_config.json").read_text()), None)
+    except FileNotFoundError:
+        raise RunDirError(f"{run_dir} holds no run to resume (no checkpoint.pt or configs); check the path, "
+                          "or start a new run without --resume") from None
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{run_dir} holds damaged configs ({e}); start a new run in another --run-dir") from None
+
+
+def check_same_run(stored_model: dict, stored_train: dict, model_config: NVAEConfig, cfg: TrainConfig,
+                   where: Path) -> None:
+    """Refuse to continue a run under a different configuration (only :data:`RUN_CONTROL` may change)."""
+    model_diff = sorted(k for k, v in model_config.to_dict().items() if stored_model.get(k, v) != v)
+    model_diff += sorted(set(stored_model) - set(model_config.to_dict()))
+    train_diff = sorted(k for k, v in cfg.to_dict().items()
+                        if k not in RUN_CONTROL and stored_train.get(k, v) != v)
+    if model_diff or train_diff:
+        parts = [f"model {', '.join(model_diff)}" if model_diff else "", f"training {', '.join(train_diff)}"
+                 if train_diff else ""]
+        raise RunDirError(f"{where} holds a run with a different configuration ({'; '.join(p for p in parts if p)} "
+                          f"differ); resume it without those overrides, or train into another --run-dir")
+
+
+def checkpoint_to_resume(run_dir: Path, model_config: NVAEConfig, cfg: TrainConfig, resume: bool) -> Optional[dict]:
+    """The checkpoint a run continues from (None: a new run, or nothing saved yet), after checking
+    that ``run_dir`` fits the request. Nothing is written."""
+    if not resume:
+        if holds_run(run_dir):
+            raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, or choose another --run-dir")
+        return None
+    stored_model, stored_train, state = stored_run_configs(run_dir)
+    check_same_run(stored_model, stored_train, model_config, cfg, run_dir)
+    return state
+
+
+def write_configs(run_dir: Path, model_config: NVAEConfig, cfg: TrainConfig) -> None:
+    """Both configs as JSON in ``run_dir`` (and leftovers of a write killed midway removed)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".checkpoint.pt.*.tmp"):
+        stale.unlink()
+    write_json(run_dir / "model_config.json", model_config.to_dict(), sort_keys=True)
+    write_json(run_dir / "train_config.json", cfg.to_dict())
+
+
+def write_json(path: Union[str, Path], obj, sort_keys: bool = False) -> None:
+    """``obj`` as indented JSON, written atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ------------------------------------------------------------------ logging
+class RunLog:
+    """What the main process writes while a run trains: ``log.txt``, TensorBoard events, image grids.
+
+    On other processes every method does nothing.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: Optional[int] = None):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.writer = self.handler = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.handler = logging.FileHandler(run_dir / "log.txt")
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(self.handler)
+            log.setLevel(logging.INFO)
+            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+
+    def info(self, msg: str, *args) -> None:
+        if self.enabled:
+            log.info(msg, *args)
+
+    def warning(self, msg: str, *args) -> None:
+        if self.enabled:
+            log.warning(msg, *args)
+
+    def scalars(self, step: int, stats: dict, extra: dict) -> None:
+        """Batch means of the loss terms (``stats``) and per-step values (``extra``) at ``step``."""
+        if not self.enabled:
+            return
+        for name in ("nelbo", "recon", "kl"):
+            self.writer.add_scalar(f"train/{name}", stats[name].item(), step)
+        for name, value in extra.items():
+            self.writer.add_scalar(f"train/{name}", float(value), step)
+        active = (stats["kl_channels"] > 0.1).sum(1)   # the official threshold, per latent channel
+        for i in range(stats["kl_groups"].shape[0]):
+            self.writer.add_scalar(f"kl/group_{i}", stats["kl_groups"][i].item(), step)
+            self.writer.add_scalar(f"active/group_{i}", active[i].item(), step)
+            self.writer.add_scalar(f"kl_balance/group_{i}", stats["kl_coeffs"][i].item(), step)
+
+    @torch.no_grad()
+    def images(self, model: NVAE, fixed: torch.Tensor, step: int) -> None:
+        """Prior samples, and the reconstructions of the test images ``fixed``, as PNG grids."""
+        if not self.enabled:
+            return
+        from torchvision.utils import make_grid
+        with training_mode(model, False):
+            # A generator of its own: writing images must not move the training's random streams.
+            gen = torch.Generator(device=fixed.device).manual_seed(step)
+            samples = model.sample(64, temperature=1.0, generator=gen, mean=True)
+            x = prepare_batch(fixed, model.config, gen)
+            recon = model.output_distribution(model(x, temperature=0.0).logits).mean()
+        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)
+        for name, images in (("samples", samples), ("reconstructions", pairs)):
+            save_grid(images, self.run_dir / f"{name}.png")
+            self.writer.add_image(name, make_grid(images, nrow=8), step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            log.removeHandler(self.handler)
+            self.handler.close()
+
+
+def save_grid(images: torch.Tensor, path: Path, min_side: int = 128) -> None:
+    """A PNG grid, scaled up (nearest) so small images stay visible; written atomically."""
+    scale = max(1, min_side // (images.shape[-1] * 8))
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    save_png(images, path, nrow=int(math.sqrt(images.shape[0])), padding=1)
+
+
+# ------------------------------------------------------------------ reading back
+def load_any(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Tuple[NVAE, Path]:
+    """``(model in eval mode, checkpoint path)`` from a run directory, one of our checkpoints, or an official one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p}; pass a run directory or a checkpoint file")
+    try:
+        return NVAE.from_checkpoint(p, device).eval(), p
+    except CheckpointError as ours:
+        try:
+            state = safe_load(p, device, allowed_globals=[argparse.Namespace])
+        except CheckpointError:
+            raise ours from None
+        if isinstance(state, dict) and "args" in state:
+            return NVAE.from_official(p, device), p
+        raise ours from None
+
+
+def dataset_of(checkpoint: Union[str, Path]) -> str:
+    """The data set a checkpoint was trained on: from our training config or the official args."""
+    state = safe_load(checkpoint, allowed_globals=[argparse.Namespace])
+    if isinstance(state, dict) and isinstance(state.get("train_config"), dict):
+        return state["train_config"]["dataset"]
+    if isinstance(state, dict) and "args" in state:
+        name = vars(state["args"]).get("dataset")
+        if name in OFFICIAL_DATASETS:
+            return OFFICIAL_DATASETS[name]
+    raise ValueError(f"{checkpoint} does not say which data set it was trained on; pass --dataset")
