@@ -263,7 +263,7 @@ def run_variant(variant: Variant, settings: Settings, run_dir: Path) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     from nvae.data import build_dataset, prepare_batch
-    from nvae.evaluate import evaluate
+    from nvae.evaluate import EvalConfig, evaluate
     from nvae.runtime import tune_cpu_allocator
     from nvae.train import TrainConfig, train
 
@@ -317,7 +317,7 @@ def run_variant(variant: Variant, settings: Settings, run_dir: Path) -> dict:
     torch.manual_seed(0)
     # A CPU generator cannot drive sampling on a CUDA device: there the seeded global stream does.
     gen = torch.Generator().manual_seed(0) if device.type == "cpu" else None
-    result = evaluate(model, TensorDataset(xs), num_samples=settings.num_samples, device=device, generator=gen,
+    result = evaluate(model.to(device), TensorDataset(xs), EvalConfig(num_samples=settings.num_samples), generator=gen,
                       progress=False)
     eval_s = time.perf_counter() - t0
     return {"key": variant.key, "variant": dataclasses.asdict(variant), "ok": True,

@@ -19,7 +19,7 @@ import torch
 
 from nvae import NVAEConfig
 from nvae.data import build_dataset
-from nvae.evaluate import evaluate
+from nvae.evaluate import EvalConfig, evaluate
 from nvae.runtime import tune_cpu_allocator
 from nvae.train import TrainConfig, train
 
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     trained = time.perf_counter() - t0
     step = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True)["step"]
     test = build_dataset(cfg.dataset, "test", a.data)
-    result = evaluate(model, test, num_samples=a.num_samples, max_images=a.test_images,
+    result = evaluate(model, test, EvalConfig(num_samples=a.num_samples, max_images=a.test_images),
                       generator=torch.Generator().manual_seed(0), progress=sys.stderr.isatty())
     unit = "nats (28x28)" if model_cfg.crop_output else "nats"
     print(json.dumps({"preset": a.preset, "data": cfg.dataset, "minutes": round(trained / 60, 1), "steps": step,

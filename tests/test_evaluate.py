@@ -8,7 +8,7 @@ from torch.distributions import Normal
 from torch.utils.data import TensorDataset
 
 from nvae import NVAE, NVAEConfig
-from nvae.evaluate import evaluate
+from nvae.evaluate import EvalConfig, evaluate
 from nvae.model import iw_bound
 
 from conftest import REFERENCE, needs_shared
@@ -57,7 +57,7 @@ def test_evaluate_reports_consistent_units():
     cfg = NVAEConfig.preset("mnist_small", num_channels_enc=4, num_channels_dec=4, num_groups_per_scale=2)
     model = NVAE(cfg).eval()
     data = TensorDataset(torch.rand(5, 1, 32, 32))
-    r = evaluate(model, data, num_samples=4, batch_size=2, generator=torch.Generator().manual_seed(0),
+    r = evaluate(model, data, EvalConfig(num_samples=4, batch_size=2), generator=torch.Generator().manual_seed(0),
                  progress=False)
     assert r.num_images == 5 and r.data_dims == 28 * 28
     assert r.nll <= r.nelbo + 1e-6 * abs(r.nelbo) or r.nll < r.nelbo + 5.0
@@ -70,7 +70,7 @@ def test_evaluate_on_official_fixture_agrees_with_official_runs():
     model = NVAE.from_official(REFERENCE / "mnist_tiny" / "checkpoint.pt")
     ref = torch.load(REFERENCE / "mnist_tiny" / "reference.pt", weights_only=True)
     # the fixture batch is already binary: Bernoulli re-binarisation leaves 0/1 unchanged
-    r = evaluate(model, TensorDataset(ref["x"]), num_samples=100, batch_size=8,
+    r = evaluate(model, TensorDataset(ref["x"]), EvalConfig(num_samples=100, batch_size=8),
                  generator=torch.Generator().manual_seed(3), progress=False)
     runs = ref["iw_nll_K100_runs"].double()
     spread = (runs.max(0).values - runs.min(0).values).mean().item()

@@ -20,7 +20,7 @@ from gloo import WORLD, spawn
 from nvae import NVAE, NVAEConfig
 from nvae.cli import main
 from nvae.distributed import init_distributed
-from nvae.evaluate import evaluate, partial_path_for
+from nvae.evaluate import EvalConfig, PartialFile, evaluate, partial_path_for
 
 N_IMAGES = 9          # odd: batches of 2, 2, 2, 2, 1; rank 0 takes three of them, rank 1 two
 BATCH = 2
@@ -65,9 +65,10 @@ class _Reads(Dataset):
         return (self.images[i],)
 
 
-def _eval(model, data, **kw):
-    kw = {"num_samples": K, "batch_size": BATCH, "seed": SEED, "progress": False, **kw}
-    return evaluate(model, data, **kw)
+def _eval(model, data, partial=None, resume=False, identity=None, dist_ctx=None, **kw):
+    config = EvalConfig(**{"num_samples": K, "batch_size": BATCH, "seed": SEED, **kw})
+    resumable = PartialFile(partial, resume, identity) if partial is not None else None
+    return evaluate(model, data, config, dist_ctx=dist_ctx, partial=resumable, progress=False)
 
 
 def _interrupt(model, images, partial, **kw):
@@ -133,7 +134,8 @@ def test_a_partial_file_of_other_arguments_is_refused(tmp_path, caplog):
 
 def test_a_resumable_evaluation_needs_a_seed(tmp_path):
     with pytest.raises(ValueError, match="seed"):
-        evaluate(_model(), TensorDataset(_images()), num_samples=K, partial=tmp_path / "p.json", progress=False)
+        evaluate(_model(), TensorDataset(_images()), EvalConfig(num_samples=K), partial=PartialFile(tmp_path / "p.json"),
+                 progress=False)
 
 
 def test_the_partial_file_sits_beside_the_output():

@@ -385,3 +385,27 @@ def test_decoding_the_posterior_latents_reproduces_the_logits():
     assert torch.allclose(model.decode_logits(out.latents), out.logits, atol=1e-6)
     with pytest.raises(ValueError):
         model.decode_logits(out.latents[:-1])
+
+
+# ---------------------------------------------------------------- partial posterior
+@pytest.mark.parametrize("kw", [{}, RGB], ids=["binary", "rgb-flows"])
+def test_partial_posterior_spans_reconstruction_to_prior_sample(kw):
+    cfg = tiny_config(**kw)
+    model = NVAE(cfg).eval()
+    x = batch_for(cfg)
+    with torch.no_grad():
+        recon = model(x, temperature=0.0)
+    # every group from q (at its means): the reconstruction
+    assert torch.equal(model.partial_posterior_logits(x, keep=model.num_groups), recon.logits)
+    # no group from q: a prior sample, draw for draw
+    none = model.partial_posterior_logits(x, keep=0, temperature=0.8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(none, model.sample_logits(x.shape[0], 0.8, generator=torch.Generator().manual_seed(4)))
+    # the first group from q, the rest from p: the decoder takes q's z for group 0 only
+    seen = []
+    hooks = [g.dec_combiner.register_forward_hook(lambda m, i, o: seen.append(i[1])) for g in model.groups]
+    model.partial_posterior_logits(x, keep=1, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    for h in hooks:
+        h.remove()
+    assert torch.equal(seen[0], recon.latents[0]) and not torch.allclose(seen[1], recon.latents[1])
+    with pytest.raises(ValueError, match="keep must be in"):
+        model.partial_posterior_logits(x, keep=model.num_groups + 1)

@@ -58,12 +58,10 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
 
 
 def save_png(images: torch.Tensor, path: Union[str, Path], nrow: int, padding: int = 2) -> None:
-    """A PNG grid of images in [0, 1], written to a temporary file and renamed into place."""
+    """A PNG grid of images in [0, 1], written atomically."""
     from torchvision.utils import save_image
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_image(images.float().clamp(0, 1).cpu(), tmp, nrow=max(1, nrow), padding=padding, format="png")
-    os.replace(tmp, path)
+    images = images.float().clamp(0, 1).cpu()
+    atomic_write(path, lambda f: save_image(images, f, nrow=max(1, nrow), padding=padding, format="png"))
 
 
 def safe_load(path: Union[str, Path], map_location="cpu", allowed_globals=()) -> Any:

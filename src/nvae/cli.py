@@ -16,24 +16,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-    import os
-    import time
-    from pathlib import Path
-
-    from . import NVAEConfig
-    from .config import parse_overrides
-    from .train import TRAIN_PRESETS, TrainConfig, TrainingInterrupted, stored_run_configs, train
-
-    run_dir = Path(args.run_dir) if args.run_dir else None
-    if args.resume:
-        if isinstance(args.resume, str):
-            if run_dir is not None and run_dir.resolve() != Path(args.resume).resolve():
-                raise ValueError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs; give one")
-            run_dir = Path(args.resume)
-        if run_dir is None:
-            raise ValueError("--resume needs the run to continue: nvae train --resume RUN_DIR")
+def _train_overrides(args: argparse.Namespace) -> dict:
+    """The training options given as flags (those left unset keep the preset's or the stored run's)."""
     explicit = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                          max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
                                          precision=args.precision, checkpoint_every=args.checkpoint_every).items()
@@ -45,27 +29,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
         explicit["checkpointing"] = True
         if args.checkpointing != "all":
             explicit["checkpointing_roles"] = args.checkpointing   # TrainConfig splits the commas
-    model_over = parse_overrides(args.model, NVAEConfig)
-    train_over = {**explicit, **parse_overrides(args.train, TrainConfig)}
-    if args.resume and args.preset is None:
-        # Continue under the stored configs; train() refuses overrides that would change the run.
-        stored_model, stored_train, _ = stored_run_configs(run_dir)
-        model_cfg = dataclasses.replace(NVAEConfig.from_dict(stored_model), **model_over)
-        train_cfg = TrainConfig.from_dict({**stored_train, **train_over})
-        name = "run"
-    else:
-        name = args.preset or "digits"
-        model_cfg = NVAEConfig.preset(name, **model_over)
-        base = TrainConfig.preset(name) if name in TRAIN_PRESETS else TrainConfig()
-        train_cfg = TrainConfig.from_dict({**base.to_dict(), **train_over})
-    run_dir = run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return explicit
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from . import NVAEConfig
+    from .config import TrainConfig, parse_overrides
+    from .runs import new_run_dir, run_configs
+    from .train import TrainingInterrupted, train
+
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.resume:
+        if isinstance(args.resume, str):
+            if run_dir is not None and run_dir.resolve() != Path(args.resume).resolve():
+                raise ValueError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs; give one")
+            run_dir = Path(args.resume)
+        if run_dir is None:
+            raise ValueError("--resume needs the run to continue: nvae train --resume RUN_DIR")
+    train_over = {**_train_overrides(args), **parse_overrides(args.train, TrainConfig)}
+    name, model_cfg, train_cfg = run_configs(args.preset, run_dir if args.resume else None,
+                                             parse_overrides(args.model, NVAEConfig), train_over)
+    run_dir = run_dir or new_run_dir(name)
     if args.tune_allocator:
         from .runtime import tune_cpu_allocator
         tune_cpu_allocator()
     main_process = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 talks
     if main_process:
-        verb = "resuming" if args.resume else "training"
-        print(f"{verb} {name} on {train_cfg.dataset} -> {run_dir}")
+        print(f"{'resuming' if args.resume else 'training'} {name} on {train_cfg.dataset} -> {run_dir}")
     try:
         train(model_cfg, train_cfg, run_dir, data_root=args.data, device=args.device, resume=bool(args.resume))
     except TrainingInterrupted as e:
@@ -77,40 +70,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"done: {run_dir / 'checkpoint.pt'}, samples in {run_dir / 'samples.png'}, "
               f"TensorBoard: tensorboard --logdir {run_dir}")
     return 0
-
-
-def load_any(path: str, device: str = "cpu"):
-    """A model from one of our checkpoints, a run directory, or an official checkpoint."""
-    from pathlib import Path
-
-    from . import NVAE
-    from .checkpoint import CheckpointError, safe_load
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoint.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p}; pass a run directory or a checkpoint file")
-    try:
-        return NVAE.from_checkpoint(p, device).eval(), p
-    except CheckpointError as ours:
-        import argparse as _argparse
-        try:
-            state = safe_load(p, device, allowed_globals=[_argparse.Namespace])
-        except CheckpointError:
-            raise ours from None
-        if isinstance(state, dict) and "args" in state:
-            return NVAE.from_official(p, device), p
-        raise ours from None
-
-
-def _write_json(obj, path) -> None:
-    import json
-    import os
-    from pathlib import Path
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -125,49 +84,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .data import build_dataset
     from .distributed import init_distributed
-    from .evaluate import evaluate, partial_path_for
+    from .evaluate import EvalConfig, PartialFile, evaluate, partial_path_for
+    from .runs import dataset_of, load_any, write_json
     if args.save_every < 0:
         raise ValueError(f"--save-every must be 0 (never) or a positive number of batches, got {args.save_every}")
     ctx = init_distributed(args.device)   # torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
     try:
         model, ckpt = load_any(args.checkpoint, str(ctx.device))
-        dataset = args.dataset or _dataset_of(ckpt)
+        dataset = args.dataset or dataset_of(ckpt)
         data = build_dataset(dataset, args.split, args.data)
         output = Path(args.output) if args.output else ckpt.with_name(f"eval_{args.split}_K{args.num_samples}.json")
         partial = partial_path_for(output) if args.save_every else None
         if args.resume and partial is None:
             raise ValueError("--resume continues from partial sums, which --save-every 0 turns off")
-        result = evaluate(model, data, num_samples=args.num_samples, batch_size=args.batch_size,
-                          max_batch=args.max_batch, max_images=args.max_images, device=ctx.device,
-                          progress=ctx.is_main, seed=args.seed, dist_ctx=ctx, partial=partial, resume=args.resume,
-                          save_every=args.save_every or 10, identity={"dataset": dataset, "split": args.split})
+        config = EvalConfig(num_samples=args.num_samples, batch_size=args.batch_size, max_batch=args.max_batch,
+                            max_images=args.max_images, seed=args.seed, save_every=args.save_every or 10)
+        resumable = PartialFile(partial, args.resume, {"dataset": dataset, "split": args.split}) if partial else None
+        result = evaluate(model, data, config, dist_ctx=ctx, partial=resumable, progress=ctx.is_main)
         if ctx.is_main:
             out = {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, "seed": args.seed,
                    **result.to_dict()}
             print(json.dumps(out, indent=2))
-            _write_json(out, output)
+            write_json(output, out)
     finally:
         ctx.close()
     return 0
-
-
-_OFFICIAL_DATASETS = {"mnist": "mnist", "cifar10": "cifar10", "celeba_64": "celeba64", "imagenet_32": "imagenet32",
-                      "celeba_256": "celebahq256", "ffhq": "ffhq256"}
-
-
-def _dataset_of(ckpt) -> str:
-    """The data set a checkpoint was trained on: from our training config or the official args."""
-    import argparse as _argparse
-
-    from .checkpoint import safe_load
-    state = safe_load(ckpt, allowed_globals=[_argparse.Namespace])
-    if isinstance(state, dict) and isinstance(state.get("train_config"), dict):
-        return state["train_config"]["dataset"]
-    if isinstance(state, dict) and "args" in state:
-        name = vars(state["args"]).get("dataset")
-        if name in _OFFICIAL_DATASETS:
-            return _OFFICIAL_DATASETS[name]
-    raise ValueError(f"{ckpt} does not say which data set it was trained on; pass --dataset")
 
 
 def _parse_temperatures(text: str):
@@ -180,41 +121,39 @@ def _parse_temperatures(text: str):
 def _cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import numpy as np
     import torch
 
-    from .checkpoint import save_png
-    from .sampling import readjust_bn_cached
+    from .runs import load_any
+    from .sampling import readjust_bn_cached, save_samples, temperature_name
     given = [f"--{n.replace('_', '-')}" for n in ("temperature", "temperatures", "per_group_temperature")
              if getattr(args, n) is not None]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} contradict each other; give one of them")
     if args.n < 1:
         raise ValueError(f"-n must be at least 1, got {args.n}")
+    if args.per_group_temperature:
+        temps = [_parse_temperatures(args.per_group_temperature)]
+    elif args.temperatures:
+        temps = _parse_temperatures(args.temperatures)
+    else:
+        temps = [1.0 if args.temperature is None else args.temperature]
     model, ckpt = load_any(args.checkpoint, args.device)
-    per_group = _parse_temperatures(args.per_group_temperature) if args.per_group_temperature else None
-    temps = [per_group] if per_group else _parse_temperatures(args.temperatures or str(args.temperature or 1.0))
-    out_dir = Path(args.out or ckpt.parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)   # draws happen on the model's device
     for t in temps:
         if args.readjust_bn:
             model.load_state_dict(load_any(ckpt, args.device)[0].state_dict())   # statistics of the checkpoint
             cached = readjust_bn_cached(model, ckpt, t, args.readjust_steps, generator=gen, progress=True)
             print(f"BN statistics for t={t}: {'from cache' if cached else 're-adjusted and cached'}")
-        images = model.sample(args.n, t, gen).float()
-        name = "samples_t" + ("-".join(f"{v:g}" for v in t) if isinstance(t, list) else f"{t:g}")
-        png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
-        save_png(images, png, nrow=int(args.n ** 0.5))
-        np.savez_compressed(out_dir / f".{name}.tmp.npz", images=images.numpy())
-        (out_dir / f".{name}.tmp.npz").replace(npz)
+        png, npz = save_samples(model.sample(args.n, t, gen), Path(args.out or ckpt.parent),
+                                f"samples_{temperature_name(t)}")
         print(f"wrote {png} and {npz}")
     return 0
 
 
 def _eval_data(args, ckpt):
     from .data import build_dataset
-    dataset = args.dataset or _dataset_of(ckpt)
+    from .runs import dataset_of
+    dataset = args.dataset or dataset_of(ckpt)
     return dataset, build_dataset(dataset, args.split, args.data)
 
 
@@ -225,15 +164,13 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from .checkpoint import save_png
     from .data import prepare_batch
+    from .runs import load_any
+    from .sampling import reconstructions
     model, ckpt = load_any(args.checkpoint, args.device)
     _, data = _eval_data(args, ckpt)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
-    x = prepare_batch(x, model.config, gen)
-    with torch.no_grad():
-        dist = model.output_distribution(model(x, temperature=args.temperature, generator=gen).logits)
-        recon = dist.mean() if args.temperature == 0 or model.config.decoder == "bernoulli" else dist.sample(1.0, gen)
-    pairs = torch.stack([x, recon], dim=1).flatten(0, 1).float().cpu()
+    pairs = reconstructions(model, prepare_batch(x, model.config, gen), args.temperature, gen)
     out = Path(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{args.temperature:g}.png"))
     save_png(pairs, out, nrow=2 * max(1, int((len(x) // 2) ** 0.5)))
     print(f"wrote {out} (each input beside its reconstruction)")
@@ -246,13 +183,14 @@ def _cmd_kl_stats(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import kl_statistics, plot_kl_stats
+    from .runs import load_any, write_json
     model, ckpt = load_any(args.checkpoint, args.device)
     dataset, data = _eval_data(args, ckpt)
-    stats = kl_statistics(model, data, batch_size=args.batch_size, max_images=args.max_images, device=args.device,
+    stats = kl_statistics(model, data, batch_size=args.batch_size, max_images=args.max_images,
                           generator=torch.Generator().manual_seed(args.seed))
     stem = Path(args.output or ckpt.with_name(f"kl_stats_{args.split}"))
-    _write_json({"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, **stats.to_dict()},
-                stem.with_suffix(".json"))
+    write_json(stem.with_suffix(".json"),
+               {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, **stats.to_dict()})
     plot_kl_stats(stats, stem.with_suffix(".png"))
     for i, (kl, active) in enumerate(zip(stats.kl_per_group, stats.active_units)):
         print(f"group {i:3d}  KL {kl:9.3f} nats  active {active}/{stats.units_per_group}")
@@ -267,22 +205,17 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
     from .checkpoint import save_png
     from .data import prepare_batch
-    from .sampling import interpolate_latents
+    from .runs import load_any
+    from .sampling import interpolation
     model, ckpt = load_any(args.checkpoint, args.device)
     _, data = _eval_data(args, ckpt)
     for i in (args.a, args.b):
         if not 0 <= i < len(data):
             raise ValueError(f"image index {i} is outside the {args.split} split (0..{len(data) - 1})")
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    x = torch.stack([data[args.a][0], data[args.b][0]]).to(args.device)
-    x = prepare_batch(x, model.config, gen)
+    x = prepare_batch(torch.stack([data[args.a][0], data[args.b][0]]).to(args.device), model.config, gen)
     groups = [int(g) for g in args.groups.split(",")] if args.groups else None
-    with torch.no_grad():
-        latents = model(x, temperature=0.0).latents           # posterior means
-        za, zb = [z[:1] for z in latents], [z[1:] for z in latents]
-        path = interpolate_latents(za, zb, torch.linspace(0, 1, args.steps), groups)
-        images = model.output_distribution(model.decode_logits(path)).mean()
-    row = torch.cat([x[:1], images, x[1:]]).float().cpu()
+    row = interpolation(model, x[:1], x[1:], args.steps, groups).float().cpu()
     out = Path(args.output or ckpt.with_name(f"interpolation_{args.a}_{args.b}.png"))
     save_png(row, out, nrow=len(row))
     print(f"wrote {out}: input {args.a}, {args.steps} decoded steps, input {args.b}")
@@ -301,15 +234,6 @@ def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------ FID
 _FID_WEIGHTS_HELP = ("local copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                      "(required; nothing is downloaded)")
-
-
-def _sha256(path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cmd_fid_stats(args: argparse.Namespace) -> int:
@@ -340,7 +264,9 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .fid import FEATURE_DIMS, NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, load_statistics, model_fid
+    from .fid import (FEATURE_DIMS, NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, file_sha256, load_statistics,
+                      model_fid)
+    from .runs import load_any, write_json
 
     if args.inception_weights is None:
         raise FIDError(NO_WEIGHTS_MESSAGE)
@@ -359,10 +285,10 @@ def cmd_fid(args: argparse.Namespace) -> int:
     out = {"checkpoint": str(ckpt), "fid": fid, "num_samples": args.num_samples, "temperature": args.temperature,
            "seed": args.seed, "stats": str(args.stats), "dims": int(mu.shape[0]),
            "inception_weights": str(args.inception_weights),
-           "inception_weights_sha256": _sha256(args.inception_weights)}
+           "inception_weights_sha256": file_sha256(args.inception_weights)}
     print(json.dumps(out, indent=2))
-    _write_json(out, Path(args.output) if args.output
-                else ckpt.with_name(f"fid_t{args.temperature:g}_n{args.num_samples}.json"))
+    write_json(Path(args.output) if args.output else ckpt.with_name(f"fid_t{args.temperature:g}_n{args.num_samples}.json"),
+               out)
     return 0
 
 
@@ -398,10 +324,8 @@ def add_fid_parsers(sub) -> None:
     p.set_defaults(func=cmd_fid)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nvae", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_training_parsers(sub) -> None:
+    """Add the commands that train to ``sub`` (an argparse subparsers object)."""
     p = sub.add_parser("presets", help="list the architecture presets")
     p.add_argument("--count", action="store_true", help="also build each model and count its parameters")
     p.set_defaults(func=_cmd_presets)
@@ -437,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_evaluation_parsers(sub) -> None:
+    """Add the commands that score a model to ``sub`` (an argparse subparsers object)."""
     p = sub.add_parser("eval", help="NELBO and importance-weighted NLL over a split")
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
     p.add_argument("--split", default="test", choices=["train", "test"])
@@ -457,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device; under torchrun cuda means cuda:LOCAL_RANK")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("kl-stats", help="average KL and active units per latent group (JSON and bar plot)")
+    _add_eval_data_args(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--output", default=None, help="path stem for .json and .png (default: beside the checkpoint)")
+    p.set_defaults(func=_cmd_kl_stats)
+
+
+def _add_image_parsers(sub) -> None:
+    """Add the commands that draw images to ``sub`` (an argparse subparsers object)."""
     p = sub.add_parser("sample", help="sample images from the prior (PNG grid and .npz)")
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
     p.add_argument("-n", type=int, default=64, help="number of samples")
@@ -478,13 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_reconstruct)
 
-    p = sub.add_parser("kl-stats", help="average KL and active units per latent group (JSON and bar plot)")
-    _add_eval_data_args(p)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-images", type=int, default=None)
-    p.add_argument("--output", default=None, help="path stem for .json and .png (default: beside the checkpoint)")
-    p.set_defaults(func=_cmd_kl_stats)
-
     p = sub.add_parser("interpolate", help="decode the line between two inputs' latents (PNG row)")
     _add_eval_data_args(p)
     p.add_argument("--a", type=int, default=0, help="index of the first image in the split")
@@ -494,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_interpolate)
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nvae", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_training_parsers(sub)
+    _add_evaluation_parsers(sub)
+    _add_image_parsers(sub)
     add_fid_parsers(sub)
     return parser
 

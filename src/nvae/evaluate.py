@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoint import atomic_write
 from .data import prepare_batch
 from .model import NVAE, iw_bound
 
@@ -96,119 +96,166 @@ def partial_path_for(output: Union[str, Path]) -> Path:
     return output.with_name(f"{stem}.partial.json")
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """What an evaluation computes; two evaluations with equal configs (and weights and data) give equal numbers."""
+
+    num_samples: int = 1000             #: K of the importance-weighted bound
+    batch_size: int = 16                #: images per batch (each batch draws from its own seed)
+    max_batch: Optional[int] = None     #: images per forward pass, K folded in (default 64 on CPU, 1024 on GPU)
+    max_images: Optional[int] = None    #: evaluate only the first N images
+    seed: Optional[int] = None          #: None: drawn from the caller's generator
+    save_every: int = 10                #: batches per process between all-reduces (and partial-file writes)
+
+    def __post_init__(self):
+        if self.num_samples < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise ValueError(f"num_samples, batch_size and save_every must be positive, got {self.num_samples}, "
+                             f"{self.batch_size} and {self.save_every}")
+
+
+@dataclass(frozen=True)
+class PartialFile:
+    """Where an evaluation keeps its partial sums (see :func:`partial_path_for`), and whether to continue them.
+
+    ``identity``: the caller's extra plain entries that must match to continue (e.g. data set and split).
+    """
+
+    path: Union[str, Path]
+    resume: bool = False
+    identity: Optional[dict] = None
+
+
 @torch.no_grad()
-def evaluate(model: NVAE, data: Dataset, num_samples: int = 1000, batch_size: int = 16, max_batch: Optional[int] = None,
-             max_images: Optional[int] = None, device: str | torch.device = "cpu",
-             generator: Optional[torch.Generator] = None, progress: bool = True, *, seed: Optional[int] = None,
-             dist_ctx: Optional["DistributedContext"] = None, partial: Union[str, Path, None] = None,
-             resume: bool = False, save_every: int = 10, identity: Optional[dict] = None) -> EvalResult:
-    """Importance-weighted NLL with K = ``num_samples`` and the NELBO over ``data`` (in eval mode).
+def evaluate(model: NVAE, data: Dataset, config: EvalConfig = EvalConfig(), *, generator: Optional[torch.Generator] = None,
+             dist_ctx: Optional["DistributedContext"] = None, partial: Optional[PartialFile] = None,
+             progress: bool = True) -> EvalResult:
+    """Importance-weighted NLL with K = ``config.num_samples`` and the NELBO over ``data`` (in eval mode),
+    on the model's device.
 
     Images are prepared as in training (binarised afresh for the Bernoulli decoder, as the
     official test does; quantised to ``num_x_bits`` otherwise). The estimator is
     :meth:`NVAE.importance_sample` and :func:`~nvae.model.iw_bound` per image.
 
     Randomness: global batch ``b`` (images ``b * batch_size`` onwards) uses a generator on
-    ``device`` seeded with :func:`batch_seed` ``(seed, b)``. Without ``seed`` one is drawn
-    from ``generator`` (or from torch's global generator without one), so a seeded
-    ``generator`` still makes the evaluation reproducible. ``max_batch`` (folding of the K
-    samples, default 64 on CPU, 1024 on GPU) orders the draws, so it is part of what
-    makes two evaluations equal.
+    the model's device seeded with :func:`batch_seed` ``(seed, b)``. Without ``config.seed``
+    one is drawn from ``generator`` (or from torch's global generator without one), so a
+    seeded ``generator`` still makes the evaluation reproducible. ``max_batch`` orders the
+    draws, so it is part of what makes two evaluations equal.
 
     Several processes: pass ``dist_ctx`` (a :class:`~nvae.distributed.DistributedContext`
     with more than one process); each evaluates its share of the batches (batch ``b`` on
-    rank ``b % world_size``) on ``dist_ctx.device``, the sums are all-reduced every
-    ``save_every`` rounds, and every rank returns the same result. Only rank 0 shows
-    progress and writes the partial file. See the module docstring.
+    rank ``b % world_size``), the sums are all-reduced every ``save_every`` rounds, and
+    every rank returns the same result. Only rank 0 shows progress and writes the partial
+    file. See the module docstring.
 
-    Resuming: with ``partial`` (a path, see :func:`partial_path_for`) the per-batch sums
-    are written there atomically every ``save_every`` batches per process, with the
-    evaluation's arguments (``identity``: the caller's extra plain entries that must
-    match, e.g. data set and split). ``resume=True`` continues from that file when it
-    exists, and raises ``ValueError`` when it belongs to other arguments or cannot be
-    read; ``resume=False`` replaces it (with a warning). The file is removed once the
-    evaluation is complete. A resumed evaluation gives the same numbers as an
-    uninterrupted one.
+    Resuming: with ``partial`` the per-batch sums are written to ``partial.path`` atomically
+    every ``save_every`` batches per process, with the evaluation's arguments.
+    ``partial.resume`` continues from that file when it exists, and raises ``ValueError``
+    when it belongs to other arguments or cannot be read; otherwise it is replaced (with a
+    warning). The file is removed once the evaluation is complete. A resumed evaluation
+    gives the same numbers as an uninterrupted one.
     """
-    from tqdm import tqdm
-
-    cfg = model.config
-    world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx is not None else (1, 0)
-    if world > 1:
-        device = dist_ctx.device
-    device = torch.device(device)
-    main = rank == 0
-    total = len(data) if max_images is None else min(max_images, len(data))
-    if total < 1:
-        raise ValueError(f"nothing to evaluate: the split holds {len(data)} images, max_images={max_images}")
-    if num_samples < 1 or batch_size < 1 or save_every < 1:
-        raise ValueError(f"num_samples, batch_size and save_every must be positive, got {num_samples}, "
-                         f"{batch_size} and {save_every}")
-    if max_batch is None:
-        max_batch = 1024 if device.type == "cuda" else 64
-    if seed is None:
-        if partial is not None and generator is None:
-            raise ValueError("a resumable evaluation needs a seed (or a seeded generator) to repeat its draws")
-        gen_device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device))
-    n_batches = math.ceil(total / batch_size)
-
-    # Rank 0 reads the partial file and tells the others (seed included: it may come from rank 0's RNG).
-    args, state, error = None, None, None
-    if main and partial is not None:
-        partial = Path(partial)
-        args = {"model_sha256": model_fingerprint(model), "num_samples": num_samples, "batch_size": batch_size,
-                "max_batch": max_batch, "num_images": total, "dataset_size": len(data), "seed": seed,
-                "device": device.type, **(identity or {})}
-        try:
-            state = _read_partial(partial, args, resume, n_batches, total)
-        except ValueError as e:
-            error = str(e)
-    seed, state, error = _from_main((seed, state, error), dist_ctx)
-    if error is not None:
-        raise ValueError(error)
-    nll_b = list(state["batch_nll_sums"]) if state else []
-    nelbo_b = list(state["batch_nelbo_sums"]) if state else []
-
-    def images_in(first: int, stop: int) -> int:   # images in global batches first .. stop - 1
-        return min(stop * batch_size, total) - min(first * batch_size, total)
-
-    done = len(nll_b)
-    bar = tqdm(total=total, initial=images_in(0, done), desc=f"eval K={num_samples}", unit="img",
-               disable=not (progress and main), dynamic_ncols=True)
-    if state and progress and main:
-        bar.write(f"resuming from {partial}: {images_in(0, done)} of {total} images done", file=sys.stderr)
-    mine = [list(range(b * batch_size, min((b + 1) * batch_size, total))) for b in range(done + rank, n_batches, world)]
-    batches = iter(DataLoader(data, batch_sampler=mine))
-    block = save_every * world
-    for start in range(done, n_batches, block):
-        stop = min(n_batches, start + block)
-        sums = torch.zeros(2, stop - start, dtype=torch.float64)
-        for b in range(start + rank, stop, world):
-            x = next(batches)[0].to(device)
-            g = torch.Generator(device).manual_seed(batch_seed(seed, b))
-            x = prepare_batch(x, cfg, g)
-            log_w, nelbo = model.importance_sample(x, num_samples, max_batch, g)
-            sums[0, b - start] = -iw_bound(log_w.double()).sum().item()
-            sums[1, b - start] = nelbo.double().mean(0).sum().item()
-            bar.update(images_in(b, min(b + world, stop)))
-        if world > 1:
-            reduced = sums.to(dist_ctx.device)
-            dist.all_reduce(reduced)
-            sums = reduced.cpu()
-        nll_b += sums[0].tolist()
-        nelbo_b += sums[1].tolist()
-        seen = images_in(0, stop)
-        bar.set_postfix(nll=f"{math.fsum(nll_b) / seen:.3f}")
-        if main and partial is not None and stop < n_batches:
-            _write_partial(partial, args, world, seen, nll_b, nelbo_b)
-    bar.close()
-    if main and partial is not None:
-        partial.unlink(missing_ok=True)
-    nll, nelbo = math.fsum(nll_b) / total, math.fsum(nelbo_b) / total
+    run = _EvalRun.plan(model, data, config, generator, dist_ctx, partial)
+    run.sweep(progress)
+    total, cfg = run.total, model.config
+    nll, nelbo = math.fsum(run.nll) / total, math.fsum(run.nelbo) / total
     per_dim = 1.0 / (math.log(2.0) * cfg.num_data_dims)
     return EvalResult(nll=nll, nelbo=nelbo, bpd=nll * per_dim, bpd_elbo=nelbo * per_dim, num_images=total,
-                      num_samples=num_samples, data_dims=cfg.num_data_dims)
+                      num_samples=config.num_samples, data_dims=cfg.num_data_dims)
+
+
+@dataclass
+class _EvalRun:
+    """One evaluation under way: its resolved settings and the per-batch sums so far."""
+
+    model: NVAE
+    data: Dataset
+    config: EvalConfig
+    device: torch.device
+    dist_ctx: Optional["DistributedContext"]
+    total: int                      #: images to evaluate
+    max_batch: int
+    seed: int
+    partial: Optional[PartialFile]
+    args: Optional[dict]            #: what a partial file must match (rank 0)
+    nll: list                       #: per-batch sums, in batch order
+    nelbo: list
+
+    @classmethod
+    def plan(cls, model, data, config, generator, dist_ctx, partial) -> "_EvalRun":
+        device = next(model.parameters()).device
+        total = len(data) if config.max_images is None else min(config.max_images, len(data))
+        if total < 1:
+            raise ValueError(f"nothing to evaluate: the split holds {len(data)} images, max_images={config.max_images}")
+        max_batch = config.max_batch or (1024 if device.type == "cuda" else 64)
+        seed = config.seed
+        if seed is None:
+            if partial is not None and generator is None:
+                raise ValueError("a resumable evaluation needs a seed (or a seeded generator) to repeat its draws")
+            gen_device = generator.device if generator is not None else "cpu"
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device))
+        # Rank 0 reads the partial file and tells the others (seed included: it may come from rank 0's RNG).
+        args, state, error = None, None, None
+        if partial is not None and (dist_ctx is None or dist_ctx.is_main):
+            args = {"model_sha256": model_fingerprint(model), "num_samples": config.num_samples,
+                    "batch_size": config.batch_size, "max_batch": max_batch, "num_images": total,
+                    "dataset_size": len(data), "seed": seed, "device": device.type, **(partial.identity or {})}
+            try:
+                state = _read_partial(Path(partial.path), args, partial.resume,
+                                      math.ceil(total / config.batch_size), total)
+            except ValueError as e:
+                error = str(e)
+        seed, state, error = _from_main((seed, state, error), dist_ctx)
+        if error is not None:
+            raise ValueError(error)
+        return cls(model, data, config, device, dist_ctx, total, max_batch, seed, partial, args,
+                   list(state["batch_nll_sums"]) if state else [], list(state["batch_nelbo_sums"]) if state else [])
+
+    def images_in(self, first: int, stop: int) -> int:
+        """Images in global batches ``first`` .. ``stop - 1``."""
+        b = self.config.batch_size
+        return min(stop * b, self.total) - min(first * b, self.total)
+
+    def sweep(self, progress: bool) -> None:
+        """Evaluate the batches not done yet, in rounds, all-reducing and saving after each."""
+        from tqdm import tqdm
+        world, rank = (self.dist_ctx.world_size, self.dist_ctx.rank) if self.dist_ctx is not None else (1, 0)
+        main, b_size = rank == 0, self.config.batch_size
+        n_batches, done = math.ceil(self.total / b_size), len(self.nll)
+        bar = tqdm(total=self.total, initial=self.images_in(0, done), desc=f"eval K={self.config.num_samples}",
+                   unit="img", disable=not (progress and main), dynamic_ncols=True)
+        if done and progress and main:
+            bar.write(f"resuming from {self.partial.path}: {self.images_in(0, done)} of {self.total} images done",
+                      file=sys.stderr)
+        mine = [list(range(b * b_size, min((b + 1) * b_size, self.total))) for b in range(done + rank, n_batches, world)]
+        batches = iter(DataLoader(self.data, batch_sampler=mine))
+        block = self.config.save_every * world
+        for start in range(done, n_batches, block):
+            stop = min(n_batches, start + block)
+            sums = torch.zeros(2, stop - start, dtype=torch.float64)
+            for b in range(start + rank, stop, world):
+                sums[:, b - start] = self.batch_sums(next(batches)[0], b)
+                bar.update(self.images_in(b, min(b + world, stop)))
+            if world > 1:
+                reduced = sums.to(self.dist_ctx.device)
+                dist.all_reduce(reduced)
+                sums = reduced.cpu()
+            self.nll += sums[0].tolist()
+            self.nelbo += sums[1].tolist()
+            seen = self.images_in(0, stop)
+            bar.set_postfix(nll=f"{math.fsum(self.nll) / seen:.3f}")
+            if main and self.partial is not None and stop < n_batches:
+                _write_partial(Path(self.partial.path), self.args, world, seen, self.nll, self.nelbo)
+        bar.close()
+        if main and self.partial is not None:
+            Path(self.partial.path).unlink(missing_ok=True)
+
+    def batch_sums(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """(sum of -log p(x) estimates, sum of NELBOs) of global batch ``index``, in float64."""
+        g = torch.Generator(self.device).manual_seed(batch_seed(self.seed, index))
+        x = prepare_batch(x.to(self.device), self.model.config, g)
+        log_w, nelbo = self.model.importance_sample(x, self.config.num_samples, self.max_batch, g)
+        return torch.stack([-iw_bound(log_w.double()).sum(), nelbo.double().mean(0).sum()]).cpu()
 
 
 def _from_main(obj, dist_ctx):
@@ -255,13 +302,12 @@ def _read_partial(path: Path, args: dict, resume: bool, n_batches: int, total: i
 
 
 def _write_partial(path: Path, args: dict, world: int, images_done: int, nll_b: list, nelbo_b: list) -> None:
-    """Write the partial sums atomically: a temporary file beside ``path``, then ``os.replace``."""
+    """Write the partial sums atomically."""
     state = {"format": PARTIAL_FORMAT, "version": PARTIAL_VERSION, "args": args, "world_size": world,
              "batches_done": len(nll_b), "images_done": images_done, "nll_sum": math.fsum(nll_b),
              "nelbo_sum": math.fsum(nelbo_b), "batch_nll_sums": nll_b, "batch_nelbo_sums": nelbo_b}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(state) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 @dataclass
@@ -281,8 +327,8 @@ class KLStats:
 
 @torch.no_grad()
 def kl_statistics(model: NVAE, data: Dataset, batch_size: int = 64, max_images: Optional[int] = None,
-                  threshold: float = 0.1, device: str | torch.device = "cpu",
-                  generator: Optional[torch.Generator] = None, progress: bool = True) -> KLStats:
+                  threshold: float = 0.1, generator: Optional[torch.Generator] = None,
+                  progress: bool = True) -> KLStats:
     """Per-group KL and active units of ``model`` over ``data`` (paper, Figure 5b), in eval mode."""
     from tqdm import tqdm
     cfg = model.config
@@ -293,7 +339,7 @@ def kl_statistics(model: NVAE, data: Dataset, batch_size: int = 64, max_images: 
     for (x,) in tqdm(loader, desc="kl-stats", disable=not progress, total=math.ceil(total / batch_size)):
         if seen >= total:
             break
-        x = prepare_batch(x[: total - seen], cfg, generator).to(device)
+        x = prepare_batch(x[: total - seen], cfg, generator).to(next(model.parameters()).device)
         part = model(x, generator=generator).kl_per_channel.double().sum(0)
         kl_channels = part if kl_channels is None else kl_channels + part
         seen += x.shape[0]
@@ -304,9 +350,6 @@ def kl_statistics(model: NVAE, data: Dataset, batch_size: int = 64, max_images: 
 
 def plot_kl_stats(stats: KLStats, path) -> None:
     """Bar plot of the KL per group (decoder order, coarsest first), written atomically as PNG."""
-    import os
-    from pathlib import Path
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -317,7 +360,7 @@ def plot_kl_stats(stats: KLStats, path) -> None:
     ax.set_ylabel("KL (nats per image)")
     ax.set_title(f"KL per group over {stats.num_images} images")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 __all__ = ["FIDError", "FID_WEIGHTS_FILE", "FID_WEIGHTS_URL", "FEATURE_DIMS", "InceptionFeatures",
            "load_inception_weights", "activation_statistics", "dataset_statistics", "sample_statistics",
-           "frechet_distance", "model_fid", "save_statistics", "load_statistics"]
+           "frechet_distance", "model_fid", "save_statistics", "load_statistics", "file_sha256"]
 
 #: The file pytorch-fid's FID Inception weights come in, and where a copy can be fetched by hand.
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -311,6 +311,16 @@ def model_fid(model, stats: Union[Stats, str, Path], inception: InceptionFeature
                        f"{inception.dims}; use InceptionFeatures(..., dims={mu.shape[0]}) or recompute the statistics")
     samples = sample_statistics(model, inception, num_samples, temperature, batch_size, generator, progress)
     return frechet_distance((mu, sigma), samples)
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (which Inception weights a FID was computed with)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_statistics(path: Union[str, Path], mu, sigma) -> Path:

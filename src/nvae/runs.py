@@ -8,16 +8,18 @@ directory, one of our checkpoints or an official one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
 
 from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_load, save_png
-from .config import NVAEConfig, TrainConfig
+from .config import TRAIN_PRESETS, NVAEConfig, TrainConfig
 from .data import prepare_batch
 from .model import NVAE, training_mode
 from .official import OFFICIAL_DATASETS
@@ -79,6 +81,26 @@ def checkpoint_to_resume(run_dir: Path, model_config: NVAEConfig, cfg: TrainConf
     stored_model, stored_train, state = stored_run_configs(run_dir)
     check_same_run(stored_model, stored_train, model_config, cfg, run_dir)
     return state
+
+
+def run_configs(preset: Optional[str], resume_dir: Optional[Path], model_overrides: dict,
+                train_overrides: dict) -> Tuple[str, NVAEConfig, TrainConfig]:
+    """``(name, model config, training config)`` of a run: a preset (default ``digits``) with overrides,
+    or, resuming without a preset, the stored configs of ``resume_dir`` with overrides (which
+    :func:`check_same_run` later limits to :data:`RUN_CONTROL`)."""
+    if resume_dir is not None and preset is None:
+        stored_model, stored_train, _ = stored_run_configs(resume_dir)
+        model_cfg = dataclasses.replace(NVAEConfig.from_dict(stored_model), **model_overrides)
+        return "run", model_cfg, TrainConfig.from_dict({**stored_train, **train_overrides})
+    name = preset or "digits"
+    base = TrainConfig.preset(name) if name in TRAIN_PRESETS else TrainConfig()
+    return name, NVAEConfig.preset(name, **model_overrides), TrainConfig.from_dict({**base.to_dict(),
+                                                                                     **train_overrides})
+
+
+def new_run_dir(name: str) -> Path:
+    """``runs/NAME-YYYYmmdd-HHMMSS``: where a run goes when no directory is given."""
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def write_configs(run_dir: Path, model_config: NVAEConfig, cfg: TrainConfig) -> None:

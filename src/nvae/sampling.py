@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, atomic_torch_save, safe_load
-from .model import NVAE, Temperature
+from .checkpoint import CheckpointError, atomic_torch_save, atomic_write, safe_load, save_png
+from .model import NVAE, Temperature, training_mode
 
 
 def decoder_bn_layers(model: NVAE) -> Dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -29,21 +29,16 @@ def readjust_bn(model: NVAE, temperature: Temperature, steps: int = 500, batch_s
     The official code uses 500 steps of 36 samples.
     """
     from tqdm import tqdm
-    model.train()
-    try:
+    with training_mode(model, True):
         for _ in tqdm(range(steps), desc="BN re-adjustment", disable=not progress):
             model.sample_logits(batch_size, temperature, generator)
-    finally:
-        model.eval()
-    return model
+    return model.eval()
 
 
 def bn_cache_path(checkpoint: Union[str, Path], temperature: Temperature, steps: int) -> Path:
     """Where the re-adjusted statistics of ``checkpoint`` at ``temperature`` are cached."""
-    t = temperature if isinstance(temperature, (int, float)) else "-".join(f"{v:g}" for v in temperature)
     checkpoint = Path(checkpoint)
-    return checkpoint.with_name(f"{checkpoint.stem}.bn_t{t:g}_s{steps}.pt" if isinstance(t, (int, float))
-                                else f"{checkpoint.stem}.bn_t{t}_s{steps}.pt")
+    return checkpoint.with_name(f"{checkpoint.stem}.bn_{temperature_name(temperature)}_s{steps}.pt")
 
 
 def readjust_bn_cached(model: NVAE, checkpoint: Union[str, Path], temperature: Temperature, steps: int = 500,
@@ -84,3 +79,47 @@ def interpolate_latents(za, zb, alphas, groups=None):
     a = torch.as_tensor(alphas, dtype=za[0].dtype, device=za[0].device).view(-1, 1, 1, 1)
     return [((1 - a) * u + a * v) if g in moving else u.expand(len(a), -1, -1, -1)
             for g, (u, v) in enumerate(zip(za, zb))]
+
+
+@torch.no_grad()
+def reconstructions(model: NVAE, x: torch.Tensor, temperature: float = 0.0,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Each image of ``x`` followed by its reconstruction, (2B, C, H, W) in [0, 1].
+
+    Temperature 0 decodes the posterior means and shows the mean of p(x|z); above 0
+    the latents are posterior samples and colour images a sample of p(x|z) (binary
+    ones always show the Bernoulli means).
+    """
+    dist = model.output_distribution(model(x, temperature=temperature, generator=generator).logits)
+    recon = dist.mean() if temperature == 0 or model.config.decoder == "bernoulli" else dist.sample(1.0, generator)
+    return torch.stack([x, recon], dim=1).flatten(0, 1)
+
+
+@torch.no_grad()
+def interpolation(model: NVAE, xa: torch.Tensor, xb: torch.Tensor, steps: int,
+                  groups=None) -> torch.Tensor:
+    """``xa``, ``steps`` images decoded along the line between the posterior means of ``xa`` and
+    ``xb`` (only ``groups`` move; all when None), then ``xb``: (steps + 2, C, H, W)."""
+    latents = model(torch.cat([xa, xb]), temperature=0.0).latents
+    path = interpolate_latents([z[:1] for z in latents], [z[1:] for z in latents], torch.linspace(0, 1, steps),
+                               groups)
+    return torch.cat([xa, model.output_distribution(model.decode_logits(path)).mean(), xb])
+
+
+def save_samples(images: torch.Tensor, out_dir: Union[str, Path], name: str) -> Tuple[Path, Path]:
+    """``images`` as a PNG grid and an ``.npz`` (array ``images``) named ``name`` in ``out_dir``, atomically."""
+    import numpy as np
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
+    images = images.float().cpu()
+    save_png(images, png, nrow=int(images.shape[0] ** 0.5))
+    atomic_write(npz, lambda f: np.savez_compressed(f, images=images.numpy()))
+    return png, npz
+
+
+def temperature_name(temperature: Temperature) -> str:
+    """``t0.8``, or ``t1-0.9-0.8`` for one temperature per group: how output files name a temperature."""
+    if isinstance(temperature, (int, float)):
+        return f"t{temperature:g}"
+    return "t" + "-".join(f"{v:g}" for v in temperature)
