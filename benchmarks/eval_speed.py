@@ -13,7 +13,7 @@ import time
 import torch
 
 from nvae import NVAE, NVAEConfig
-from nvae.runtime import tune_cpu_allocator
+from nvae.runtime import describe_cpu, tune_cpu_allocator
 
 
 @torch.no_grad()
@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     theirs = looped(model, x, a.num_samples)
     t_loop = time.perf_counter() - t0
+    print(f"# {describe_cpu()}")
     print(f"preset={a.preset} K={a.num_samples} batch={a.batch} max_batch={a.max_batch}")
     print(f"batched K: {a.batch / t_ours:8.2f} images/s   ({t_ours:.1f} s)")
     print(f"looped K : {a.batch / t_loop:8.2f} images/s   ({t_loop:.1f} s)")

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import statistics
 import sys
 import time
 
 import torch
 
-from nvae import NVAE, NVAEConfig
-from nvae.objective import kl_balance_alpha, nvae_loss
-from nvae.runtime import tune_cpu_allocator
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024 ** 2
+
+
+# The interpreter and torch: what every code pays, the official one too (before nvae is imported).
+RSS_AFTER_TORCH = _rss_gb()
+
+from nvae import NVAE, NVAEConfig  # noqa: E402
+from nvae.objective import kl_balance_alpha, nvae_loss  # noqa: E402
+from nvae.runtime import describe_cpu, peak_rss_gb, tune_cpu_allocator  # noqa: E402
 
 
 def saved_for_backward(forward) -> int:
@@ -108,16 +116,18 @@ def main(argv=None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    peak_gb = peak_rss_gb()
     # (torch.compile traces its own saved tensors, which these hooks would not see)
     saved_mb = None if a.compile else saved_for_backward(
         lambda: nvae_loss(step_model, x, beta=0.5, lam=1e-2, alpha=alpha).loss) / 2 ** 20
     flags = " ".join(f for f, on in [("channels-last", a.channels_last), ("compile", a.compile),
                                      (f"checkpointing={a.checkpointing}", a.checkpointing),
                                      ("tuned-allocator", tuned), ("recompute-bn", a.recompute_bn)] if on)
+    print(f"# {describe_cpu()}")
     print(f"preset={a.preset} batch={a.batch} device={device} precision={a.precision} {flags}".rstrip())
     print(f"median step: {statistics.median(times):.3f} s  (min {min(times):.3f}, max {max(times):.3f}, n={len(times)})")
-    print(f"peak RSS: {rss_gb:.2f} GB")
+    print(f"peak RSS: {peak_gb:.2f} GB; working memory (peak RSS - RSS after import torch): "
+          f"{peak_gb - RSS_AFTER_TORCH:.2f} GB")
     if saved_mb is not None:
         print(f"activations saved for backward: {saved_mb:.0f} MB")
     if device.type == "cuda":

@@ -170,7 +170,7 @@ def test_plain_path_in_eval_and_without_autograd():
     with torch.no_grad():
         assert not fused._fusable(x, bn)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fused._fusable(x, bn)
+        assert fused._fusable(x, bn)        # mixed precision keeps the saving (see the autocast tests)
     assert fused._fusable(x, bn)
 
 
@@ -179,3 +179,69 @@ def test_synchronised_bn_is_never_fused():
     from nvae.distributed import SyncBatchNorm2d
     bn = SyncBatchNorm2d(4).train()
     assert not fused._fusable(torch.randn(2, 4, 3, 3), bn)
+
+
+# ------------------------------------------------------------------ mixed precision
+def _bf16_close(a, b, what):
+    # bf16 keeps 8 bits of mantissa: compare as bf16 numbers would, relative to the tensor's scale
+    scale = b.abs().max().item() + 1e-12
+    assert (a.float() - b.float()).abs().max().item() <= 3e-2 * scale, what
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("conv_kind", ["wn3x3", "depthwise5", "pointwise"])
+def test_chain_under_bf16_autocast_matches_the_plain_modules(channels_last, conv_kind):
+    torch.manual_seed(0)
+    c = 8
+    bn = batch_norm(c)
+    conv = {"wn3x3": lambda: WNConv2d(c, 12, 3, padding=1),
+            "depthwise5": lambda: nn.Conv2d(c, c, 5, padding=2, groups=c, bias=False),
+            "pointwise": lambda: nn.Conv2d(c, 6, 1, bias=False)}[conv_kind]()
+    bn_ref, conv_ref = copy.deepcopy(bn), copy.deepcopy(conv)
+    x = (torch.randn(4, c, 10, 10) * 3 + 1).to(torch.bfloat16)   # what a preceding bf16 conv hands over
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grads = []
+    for lean, b, cv in ((True, bn, conv), (False, bn_ref, conv_ref)):
+        xi = x.detach().clone().requires_grad_()
+        weight = cv.normalized_weight() if isinstance(cv, WNConv2d) else cv.weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if lean:
+                out = bn_act_conv(xi, b, cv, weight, cv.bias, True)
+            else:
+                out = cv._conv_forward(F.silu(b(xi)), weight, cv.bias)
+        assert out.dtype == torch.bfloat16
+        torch.manual_seed(1)
+        out.backward(torch.randn(out.shape).to(out.dtype))
+        grads.append([out.detach(), xi.grad] + [p.grad for p in list(b.parameters()) + list(cv.parameters())])
+    for i, (a, r) in enumerate(zip(*grads)):
+        assert a.dtype == r.dtype, i                 # every gradient in its parameter's dtype
+        _bf16_close(a, r, i)
+    for name, buf in bn.named_buffers():             # the same running statistics
+        torch.testing.assert_close(buf, dict(bn_ref.named_buffers())[name], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_memory_savers_keep_working_under_bf16_autocast(checkpointing):
+    """Recompute-BN stays on under autocast (it stores less there too) and, with role checkpointing,
+    gives the plain bf16 step's loss and gradients to bf16 precision."""
+    cfg = dataclasses.replace(NVAEConfig.preset("mnist_small"), num_channels_enc=8, num_channels_dec=8)
+    torch.manual_seed(0)
+    model = NVAE(cfg).train().to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(model)
+    model.set_recompute_bn(True).set_checkpointing(checkpointing, ["normal_post", "up_post"] if checkpointing else None)
+    x = (torch.rand(4, 1, 32, 32) > 0.5).float().contiguous(memory_format=torch.channels_last)
+    alpha = kl_balance_alpha(cfg.groups_per_scale)
+    results, saved = [], []
+    for m in (model, ref):
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, nbytes = _saved_bytes(lambda: nvae_loss(m, x, beta=0.7, lam=1e-2, alpha=alpha))
+        out.loss.backward()
+        saved.append(nbytes)
+        results.append((out.loss.detach(), torch.cat([p.grad.flatten() for p in m.parameters()])))
+    (loss, g), (loss_ref, g_ref) = results
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-2, atol=1e-2)
+    assert torch.nn.functional.cosine_similarity(g, g_ref, dim=0) > 0.999
+    assert saved[0] < 0.8 * saved[1], saved

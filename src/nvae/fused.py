@@ -16,10 +16,11 @@ The forward values and the running-statistics update are exactly those of
 ``conv(act(bn(x)))`` (the same kernels run); the gradients agree to rounding
 (Swish's derivative is formed from the one sigmoid the recomputation needs). The
 chain falls back to the plain modules wherever the saving does not apply or the
-recomputation would be wrong: evaluation, no autograd, autocast (the saved
-tensors would not have the dtypes the backward pass sees), ``torch.compile``
-(which plans recomputation itself) and synchronised BN (whose statistics come
-from every process).
+recomputation would be wrong: evaluation, no autograd, ``torch.compile`` (which
+plans recomputation itself) and synchronised BN (whose statistics come from
+every process). Under autocast (fp16, bf16) it computes in the dtypes the plain
+modules would: BN and Swish in the input's dtype, the convolution and its
+backward in the autocast dtype; the gradients agree to that precision.
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ class _BNActConv(torch.autograd.Function):
         y, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var,
                                                   True, momentum, eps)
         s = F.silu(y, inplace=True) if swish else y   # y itself is not needed again
-        out = F.conv2d(s, weight, bias, stride, padding, dilation, groups)
+        out = F.conv2d(s, weight, bias, stride, padding, dilation, groups)   # under autocast: its dtype
         ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
         ctx.conv = (stride, padding, dilation, groups, None if bias is None else bias.shape)
-        ctx.swish, ctx.eps = swish, eps
+        ctx.swish, ctx.eps, ctx.conv_dtype = swish, eps, out.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
@@ -60,21 +62,32 @@ class _BNActConv(torch.autograd.Function):
             # once s = y sigmoid(y) is known: silu'(y) = sigmoid(y) + s (1 - sigmoid(y)).
             sig = torch.sigmoid(s)
             s.mul_(sig)
+        # Under autocast the convolution ran in a lower precision: its backward does too (as
+        # for the plain modules), and the gradients go back in their parameters' dtypes.
+        # Without autocast these conversions are no-ops.
+        s_conv, w_conv = s.to(ctx.conv_dtype), weight.to(ctx.conv_dtype)
         # Only channels-last gains: in NCHW oneDNN's two kernels run at the same speed.
-        transposed = (_transposed_conv(weight, stride, padding, dilation, groups)
+        transposed = (_transposed_conv(w_conv, stride, padding, dilation, groups)
                       if need_s and grad_out.is_contiguous(memory_format=torch.channels_last) else None)
         grad_s, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, s, weight, bias_shape, _pair(stride), _pair(padding), _pair(dilation), False, [0, 0], groups,
-            [need_s and transposed is None, need[8], bias_shape is not None and need[9]])
+            grad_out, s_conv, w_conv, bias_shape, _pair(stride), _pair(padding), _pair(dilation), False, [0, 0],
+            groups, [need_s and transposed is None, need[8], bias_shape is not None and need[9]])
+        del s_conv, w_conv
         grad_x = grad_g = grad_b_bn = None
         if need_s:
             if transposed is not None:
                 grad_s = F.conv2d(grad_out, *transposed)
+            grad_s = grad_s.to(s.dtype)
             if ctx.swish:
                 grad_s.mul_(s.addcmul_(s, sig, value=-1).add_(sig))
             del s, sig
             grad_x, grad_g, grad_b_bn = torch.ops.aten.native_batch_norm_backward(
-                grad_s, x, bn_weight, None, None, mean, invstd, True, ctx.eps, [need[0], need[1], need[2]])
+                grad_s.to(x.dtype), x, bn_weight, None, None, mean, invstd, True, ctx.eps,
+                [need[0], need[1], need[2]])
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
         return (grad_x, grad_g, grad_b_bn, None, None, None, None, None,
                 grad_w, grad_b, None, None, None, None)
 
@@ -107,8 +120,7 @@ def _fusable(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
     # Only the stock BN forward is reproduced here; synchronised BN, for one, takes its
     # statistics from every process.
     return (bn.training and torch.is_grad_enabled() and bn.affine and bn.momentum is not None
-            and type(bn).forward is nn.modules.batchnorm._BatchNorm.forward
-            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+            and type(bn).forward is nn.modules.batchnorm._BatchNorm.forward and not torch.compiler.is_compiling())
 
 
 def bn_act_conv(x: torch.Tensor, bn: nn.BatchNorm2d, conv: nn.Conv2d, weight: torch.Tensor,

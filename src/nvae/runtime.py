@@ -90,3 +90,10 @@ def describe_cpu() -> str:
     capped = f" (ONEDNN_MAX_CPU_ISA={d['onednn_max_cpu_isa']})" if d["onednn_max_cpu_isa"] else ""
     return (f"{d['cpu']}, {d['cpu_isa']}; oneDNN {d['onednn_isa']}{capped}; {d['threads']} thread(s); "
             f"torch {d['torch']}")
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 ** 3 if sys.platform == "darwin" else peak / 1024 ** 2
