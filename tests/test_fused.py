@@ -163,7 +163,7 @@ def test_switch_off_runs_the_plain_modules(monkeypatch):
 
 
 def test_plain_path_in_eval_and_without_autograd():
-    bn, conv = batch_norm(4), nn.Conv2d(4, 4, 3, padding=1)
+    bn = batch_norm(4)
     x = torch.randn(2, 4, 6, 6)
     assert not fused._fusable(x, bn.eval())
     bn.train()

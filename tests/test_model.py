@@ -7,7 +7,7 @@ import torch
 import torch.distributions as D
 
 from nvae import NVAE, NVAEConfig
-from nvae.cells import ARCH_INSTANCES, DecCombiner
+from nvae.cells import ARCH_INSTANCES
 from nvae.distributions import DiscMixLogistic
 
 # Parameters of the models built by the official code (NVAE.md section 5); mnist_small is ours.

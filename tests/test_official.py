@@ -1,16 +1,15 @@
 """The official checkpoints in ../shared/reference reproduce the official code's own outputs."""
 import argparse
 import dataclasses
-import math
 
 import pytest
 import torch
 
-from nvae import NVAE, NVAEConfig
+from nvae import NVAE
 from nvae.checkpoint import CheckpointError
 from nvae.official import config_from_args, convert_state_dict
 
-from conftest import REFERENCE, needs_shared
+from conftest import REFERENCE
 
 FIXTURES = ["mnist_tiny", "cifar_flows"]
 RTOL = 1e-4

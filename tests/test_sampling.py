@@ -56,6 +56,16 @@ def test_sample_command_writes_grids_and_arrays(tmp_path):
     assert not list((tmp_path / "s").glob(".*"))          # no temporary files left behind
 
 
+def test_sample_command_at_temperature_zero_takes_the_prior_means(tmp_path):
+    model = tiny_model().eval()
+    model.save(tmp_path / "checkpoint.pt")
+    assert main(["sample", str(tmp_path), "-n", "2", "-t", "0", "--out", str(tmp_path / "s")]) == 0
+    arr = np.load(tmp_path / "s" / "samples_t0.npz")["images"]
+    expected = model.sample(2, 0.0).numpy()        # deterministic: every z at its prior mean
+    assert not (tmp_path / "s" / "samples_t1.npz").exists()
+    np.testing.assert_allclose(arr, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_sample_command_rejects_bad_temperatures(tmp_path, capsys):
     tiny_model().save(tmp_path / "checkpoint.pt")
     assert main(["sample", str(tmp_path), "--temperatures", "0.5,hot"]) == 2

@@ -5,7 +5,7 @@ table per cell role, so the ablations of the paper are configuration.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn

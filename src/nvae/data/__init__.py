@@ -49,5 +49,6 @@ from .sources import HELD_OUT, IMAGE_EXTENSIONS, SPLIT_DIRS, ImageDataset
 from .transforms import CELEBA64_CROP, celeba64_transform, image_transform
 
 __all__ = ["DataError", "register", "available", "build_dataset", "quantize", "prepare_batch",
-           "ImageDataset", "image_transform", "celeba64_transform", "write_lmdb", "IMAGE_EXTENSIONS"]
+           "ImageDataset", "image_transform", "celeba64_transform", "write_lmdb", "IMAGE_EXTENSIONS",
+           "CELEBA64_CROP", "SPLIT_DIRS", "HELD_OUT", "SCANS"]
 
