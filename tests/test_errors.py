@@ -75,6 +75,12 @@ def _cases(tmp: Path, run: Path):
         "run directory holding another run": (["train", "--run-dir", str(run), *TINY], "already holds a run"),
         "unknown preset": (["train", "--preset", "no_such", "--run-dir", new], "no_such"),
         "override of an unknown field": (["train", "--train", "nope=1", "--run-dir", new], "bad override"),
+        "output over the run's checkpoint (eval)": (["eval", str(run), "-k", "2", "--max-images", "2", "--output",
+                                                     str(run / "checkpoint.pt")], "belongs to a run"),
+        "output over the run's config (reconstruct)": (["reconstruct", str(run), "-n", "2", "--output",
+                                                        str(run / "model_config.json")], "belongs to a run"),
+        "output of another kind (interpolate)": (["interpolate", str(run), "--output", str(run / "other.pt")],
+                                                 "should end in .png"),
     }
 
 
@@ -84,7 +90,8 @@ CASE_NAMES = ["missing data directory", "empty data directory", "unreadable imag
               "contradictory: two temperature options", "checkpoint from another configuration",
               "checkpoint from another training recipe", "checkpoint that is not one (eval)",
               "checkpoint that is not one (resume)", "nothing to resume", "run directory holding another run",
-              "unknown preset", "override of an unknown field"]
+              "unknown preset", "override of an unknown field", "output over the run's checkpoint (eval)",
+              "output over the run's config (reconstruct)", "output of another kind (interpolate)"]
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -122,3 +129,30 @@ def test_wrong_channel_count_is_converted_without_strict(tmp_path):
                  "--max-steps", "1", *TINY]) == 0
     model = torch.load(run / "checkpoint.pt", weights_only=True)
     assert model["config"]["in_channels"] == 1
+
+
+def test_a_run_directory_in_use_is_refused_with_the_holders_pid(finished_run, tmp_path, capsys):
+    import os
+
+    from nvae.runs import RunLock
+    lock = RunLock(finished_run).acquire()          # as a training process would hold it
+    try:
+        before = _listing(finished_run)
+        assert main(["train", "--resume", str(finished_run), "--max-steps", "3"]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another nvae process (PID {os.getpid()})" in err
+        assert _listing(finished_run) == before
+    finally:
+        lock.release()
+    # two runs started together into a new directory: the second is refused, and leaves nothing
+    new = tmp_path / "new"
+    lock = RunLock(new).acquire()
+    try:
+        assert main(["train", "--run-dir", str(new), "--max-steps", "1", *TINY]) == 2
+        assert "in use by another nvae process" in capsys.readouterr().err
+        assert sorted(p.name for p in new.iterdir()) == [RunLock.NAME]
+    finally:
+        lock.release(keep=False)
+    assert not new.exists()
+    # the lock dies with its holder: the run resumes once it is free
+    assert main(["train", "--resume", str(finished_run), "--max-steps", "3"]) == 0

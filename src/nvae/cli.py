@@ -80,12 +80,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     numbers an uninterrupted run gives. Without --resume such a file is replaced.
     """
     import json
-    from pathlib import Path
 
     from .data import build_dataset
     from .distributed import init_distributed
     from .evaluate import EvalConfig, PartialFile, evaluate, partial_path_for
-    from .runs import dataset_of, load_any, write_json
+    from .runs import check_output, dataset_of, load_any, write_json
     if args.save_every < 0:
         raise ValueError(f"--save-every must be 0 (never) or a positive number of batches, got {args.save_every}")
     ctx = init_distributed(args.device)   # torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
@@ -93,7 +92,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model, ckpt = load_any(args.checkpoint, str(ctx.device))
         dataset = args.dataset or dataset_of(ckpt)
         data = build_dataset(dataset, args.split, args.data)
-        output = Path(args.output) if args.output else ckpt.with_name(f"eval_{args.split}_K{args.num_samples}.json")
+        output = check_output(args.output or ckpt.with_name(f"eval_{args.split}_K{args.num_samples}.json"), ".json")
         partial = partial_path_for(output) if args.save_every else None
         if args.resume and partial is None:
             raise ValueError("--resume continues from partial sums, which --save-every 0 turns off")
@@ -158,20 +157,18 @@ def _eval_data(args, ckpt):
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     from .checkpoint import save_png
     from .data import prepare_batch
-    from .runs import load_any
+    from .runs import check_output, load_any
     from .sampling import reconstructions
     model, ckpt = load_any(args.checkpoint, args.device)
+    out = check_output(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{args.temperature:g}.png"), ".png")
     _, data = _eval_data(args, ckpt)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
     pairs = reconstructions(model, prepare_batch(x, model.config, gen), args.temperature, gen)
-    out = Path(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{args.temperature:g}.png"))
     save_png(pairs, out, nrow=2 * max(1, int((len(x) // 2) ** 0.5)))
     print(f"wrote {out} (each input beside its reconstruction)")
     return 0
@@ -183,12 +180,13 @@ def _cmd_kl_stats(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import kl_statistics, plot_kl_stats
-    from .runs import load_any, write_json
+    from .runs import check_output, load_any, write_json
     model, ckpt = load_any(args.checkpoint, args.device)
+    stem = Path(args.output or ckpt.with_name(f"kl_stats_{args.split}"))
+    check_output(stem.with_suffix(".json"), ".json"), check_output(stem.with_suffix(".png"), ".png")
     dataset, data = _eval_data(args, ckpt)
     stats = kl_statistics(model, data, batch_size=args.batch_size, max_images=args.max_images,
                           generator=torch.Generator().manual_seed(args.seed))
-    stem = Path(args.output or ckpt.with_name(f"kl_stats_{args.split}"))
     write_json(stem.with_suffix(".json"),
                {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, **stats.to_dict()})
     plot_kl_stats(stats, stem.with_suffix(".png"))
@@ -199,15 +197,14 @@ def _cmd_kl_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_interpolate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     from .checkpoint import save_png
     from .data import prepare_batch
-    from .runs import load_any
+    from .runs import check_output, load_any
     from .sampling import interpolation
     model, ckpt = load_any(args.checkpoint, args.device)
+    out = check_output(args.output or ckpt.with_name(f"interpolation_{args.a}_{args.b}.png"), ".png")
     _, data = _eval_data(args, ckpt)
     for i in (args.a, args.b):
         if not 0 <= i < len(data):
@@ -216,7 +213,6 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     x = prepare_batch(torch.stack([data[args.a][0], data[args.b][0]]).to(args.device), model.config, gen)
     groups = [int(g) for g in args.groups.split(",")] if args.groups else None
     row = interpolation(model, x[:1], x[1:], args.steps, groups).float().cpu()
-    out = Path(args.output or ckpt.with_name(f"interpolation_{args.a}_{args.b}.png"))
     save_png(row, out, nrow=len(row))
     print(f"wrote {out}: input {args.a}, {args.steps} decoded steps, input {args.b}")
     return 0
@@ -260,13 +256,12 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
 def cmd_fid(args: argparse.Namespace) -> int:
     """``nvae fid``: FID of a model's samples against ``--stats``; prints and writes JSON."""
     import json
-    from pathlib import Path
 
     import torch
 
     from .fid import (FEATURE_DIMS, NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, file_sha256, load_statistics,
                       model_fid)
-    from .runs import load_any, write_json
+    from .runs import check_output, load_any, write_json
 
     if args.inception_weights is None:
         raise FIDError(NO_WEIGHTS_MESSAGE)
@@ -279,6 +274,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
         raise FIDError(f"{args.stats} holds {mu.shape[0]} features; Inception gives one of {FEATURE_DIMS}")
     inception = InceptionFeatures(args.inception_weights, args.device, dims=mu.shape[0])
     model, ckpt = load_any(args.checkpoint, args.device)
+    output = check_output(args.output or ckpt.with_name(f"fid_t{args.temperature:g}_n{args.num_samples}.json"), ".json")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     fid = model_fid(model, (mu, sigma), inception, num_samples=args.num_samples, temperature=args.temperature,
                     batch_size=args.batch_size, generator=generator)
@@ -287,8 +283,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
            "inception_weights": str(args.inception_weights),
            "inception_weights_sha256": file_sha256(args.inception_weights)}
     print(json.dumps(out, indent=2))
-    write_json(Path(args.output) if args.output else ckpt.with_name(f"fid_t{args.temperature:g}_n{args.num_samples}.json"),
-               out)
+    write_json(output, out)
     return 0
 
 

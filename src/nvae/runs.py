@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -101,6 +102,68 @@ def run_configs(preset: Optional[str], resume_dir: Optional[Path], model_overrid
 def new_run_dir(name: str) -> Path:
     """``runs/NAME-YYYYmmdd-HHMMSS``: where a run goes when no directory is given."""
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunLock:
+    """Exclusive ownership of a run directory while a process trains into it.
+
+    An ``flock`` on ``RUN/.nvae.lock`` (which records the holder's PID): the kernel
+    releases it when the process ends, killed or not, so a stale lock never blocks a
+    resume. A second ``nvae train`` into the same directory, or a ``--resume`` of a run
+    still training, is refused with the holder's PID. Under torchrun rank 0 holds it.
+    """
+
+    NAME = ".nvae.lock"
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path, self._fd = run_dir, run_dir / self.NAME, None
+        self._made_dir = False
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:   # not a POSIX system: no lock, as before
+            return self
+        self._made_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"{self.run_dir} is in use by another nvae process (PID {holder}); wait for it to "
+                              "finish or stop it, or train into another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self, keep: bool = True) -> None:
+        """Give the directory up; with ``keep=False`` remove what taking the lock created."""
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        if not keep:
+            self.path.unlink(missing_ok=True)
+            if self._made_dir and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()
+
+
+def check_output(path: Union[str, Path], suffix: str) -> Path:
+    """``path`` if a command may write its ``suffix`` file there; a clear error where the write would
+    destroy something it did not make for that purpose (a run's checkpoint, configs or log, a
+    directory, a file of another kind)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"the output {path} is a directory; give a file name ending in {suffix}")
+    run_files = {"checkpoint.pt", "model_config.json", "train_config.json", "log.txt", RunLock.NAME}
+    if path.name in run_files or path.name.startswith("events.out.tfevents."):
+        raise ValueError(f"refusing to write over {path}: it belongs to a run; choose another --output")
+    if path.suffix != suffix:
+        raise ValueError(f"the output {path} should end in {suffix} (the file this command writes)")
+    return path
 
 
 def write_configs(run_dir: Path, model_config: NVAEConfig, cfg: TrainConfig) -> None:

@@ -30,7 +30,7 @@ from .distributed import DistributedContext, init_distributed
 from .model import NVAE
 from .objective import Loss, kl_balance_alpha
 from .resume import ResumableSampler, StopSignal
-from .runs import RunDirError, RunLog, checkpoint_to_resume, stored_run_configs, write_configs  # noqa: F401
+from .runs import RunDirError, RunLock, RunLog, checkpoint_to_resume, stored_run_configs, write_configs  # noqa: F401
 from .stability import TrainingDiverged
 from .state import TrainState, rank_seed
 from .step import Coefficients, learning_rate, schedule, train_step  # noqa: F401  (re-exported)
@@ -74,14 +74,21 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
     run_dir = Path(run_dir)
     dist_ctx = init_distributed(device)
     previous = torch.are_deterministic_algorithms_enabled()
-    log = None
+    log, lock = None, RunLock(run_dir)
     try:
         if train_config.deterministic:
             torch.use_deterministic_algorithms(True)
         with StopSignal() as stop:
             # Problems with the run directory and the data are reported before anything is written.
-            stored = checkpoint_to_resume(run_dir, model_config, train_config, resume)
+            checkpoint_to_resume(run_dir, model_config, train_config, resume)
             data, test_data = training_data(model_config, train_config, data_root, dist_ctx)
+            if dist_ctx.is_main:
+                lock.acquire()
+            try:   # again, now that no other process can write the directory meanwhile
+                stored = checkpoint_to_resume(run_dir, model_config, train_config, resume)
+            except RunDirError:
+                lock.release(keep=False)
+                raise
             if dist_ctx.is_main:
                 write_configs(run_dir, model_config, train_config)
             state, batches = _start(model_config, train_config, data, test_data, dist_ctx, stored)
@@ -95,6 +102,7 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
     finally:
         if log is not None:
             log.close()
+        lock.release()
         torch.use_deterministic_algorithms(previous)
         dist_ctx.close()
 
