@@ -7,6 +7,9 @@ loading (:func:`upgrade`), optimiser state included, so older runs load and resu
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -28,21 +31,27 @@ class CheckpointError(ValueError):
 def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temporary file in ``path``'s directory, fsync, then rename it to ``path``.
 
-    A reader never sees a half-written file, and the previous file at ``path``
-    stays intact until the new one is complete.
+    A reader never sees a half-written file, and the previous file at ``path`` stays intact
+    until the new one is complete. Temporary files carry their writer's PID, so those left by
+    a killed process are removed by the next write to ``path``. A full disk is said plainly.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if _out_of_space(e):
+            kept = "the previous file is intact" if path.exists() else "nothing was written"
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path} ({kept}); free some "
+                                        "space and run again") from None
         raise
     with contextlib.suppress(OSError):   # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -50,6 +59,38 @@ def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> N
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` or anything it was raised from is a full disk (or quota)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files for ``path`` whose writing process no longer exists."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
@@ -77,6 +118,16 @@ def safe_load(path: Union[str, Path], map_location="cpu", allowed_globals=()) ->
         raise CheckpointError(
             f"{path} could not be read as a checkpoint ({type(e).__name__}: {reason}); "
             "it may be truncated, from another program, or contain objects we refuse to unpickle") from None
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of ``model``'s state dict (names, dtypes, shapes and bytes): which weights were evaluated."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def save_model(model, path: Union[str, Path], **extra: Any) -> None:

@@ -3,7 +3,71 @@ from __future__ import annotations
 
 import argparse
 import sys
+import math
 from typing import List, Optional
+
+
+# ------------------------------------------------------------------ option types
+# Every number is checked where it enters: argparse turns a ValueError here into one line and exit 2.
+def count(text: str) -> int:
+    """A positive whole number (images, steps, samples, ...)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+count.__name__ = "positive integer"
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError
+    return value
+
+
+non_negative.__name__ = "non-negative integer"
+
+
+def temperature(text: str) -> float:
+    """A finite temperature >= 0."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError
+    return value
+
+
+temperature.__name__ = "finite non-negative number"
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError
+    return value
+
+
+positive.__name__ = "finite positive number"
+
+
+def device(text: str) -> str:
+    """A torch device this machine has."""
+    import torch
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda was asked for, but this machine has no CUDA device; use --device cpu")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit status 2, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"nvae: error: {message} (see {self.prog} --help)\n")
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -20,9 +84,10 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     """The training options given as flags (those left unset keep the preset's or the stored run's)."""
     explicit = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                          max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
-                                         precision=args.precision, checkpoint_every=args.checkpoint_every).items()
+                                         precision=args.precision, checkpoint_every=args.checkpoint_every,
+                                         dist_timeout_minutes=args.dist_timeout).items()
                 if v is not None}
-    for flag in ("channels_last", "recompute_bn", "deterministic", "strict_data"):
+    for flag in ("channels_last", "recompute_bn", "deterministic", "strict_data", "allow_data_change"):
         if getattr(args, flag):
             explicit[flag] = True
     if args.checkpointing:
@@ -81,17 +146,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     """
     import json
 
-    from .data import build_dataset
-    from .distributed import init_distributed
+    from datetime import timedelta
+
+    from .distributed import init_distributed, waiting_for_peers
     from .evaluate import EvalConfig, PartialFile, evaluate, partial_path_for
-    from .runs import check_output, dataset_of, load_any, write_json
-    if args.save_every < 0:
-        raise ValueError(f"--save-every must be 0 (never) or a positive number of batches, got {args.save_every}")
-    ctx = init_distributed(args.device)   # torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
+    from .runs import check_output, load_any, write_json
+    # torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
+    ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
         model, ckpt = load_any(args.checkpoint, str(ctx.device))
-        dataset = args.dataset or dataset_of(ckpt)
-        data = build_dataset(dataset, args.split, args.data)
+        dataset, data = _eval_data(args, ckpt, model)
         output = check_output(args.output or ckpt.with_name(f"eval_{args.split}_K{args.num_samples}.json"), ".json")
         partial = partial_path_for(output) if args.save_every else None
         if args.resume and partial is None:
@@ -99,12 +163,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         config = EvalConfig(num_samples=args.num_samples, batch_size=args.batch_size, max_batch=args.max_batch,
                             max_images=args.max_images, seed=args.seed, save_every=args.save_every or 10)
         resumable = PartialFile(partial, args.resume, {"dataset": dataset, "split": args.split}) if partial else None
-        result = evaluate(model, data, config, dist_ctx=ctx, partial=resumable, progress=ctx.is_main)
+        with waiting_for_peers("the evaluation", ctx):
+            result = evaluate(model, data, config, dist_ctx=ctx, partial=resumable, progress=ctx.is_main)
         if ctx.is_main:
             out = {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, "seed": args.seed,
                    **result.to_dict()}
-            print(json.dumps(out, indent=2))
             write_json(output, out)
+            print(json.dumps(out, indent=2))
     finally:
         ctx.close()
     return 0
@@ -112,9 +177,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _parse_temperatures(text: str):
     try:
-        return [float(t) for t in text.split(",") if t.strip()]
+        return [temperature(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"temperatures must be comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"temperatures must be comma-separated finite numbers >= 0, got {text!r}") from None
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -128,8 +193,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
              if getattr(args, n) is not None]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} contradict each other; give one of them")
-    if args.n < 1:
-        raise ValueError(f"-n must be at least 1, got {args.n}")
     if args.per_group_temperature:
         temps = [_parse_temperatures(args.per_group_temperature)]
     elif args.temperatures:
@@ -149,11 +212,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_data(args, ckpt):
-    from .data import build_dataset
+def _eval_data(args, ckpt, model):
+    from .data import build_dataset, check_images_fit
     from .runs import dataset_of
     dataset = args.dataset or dataset_of(ckpt)
-    return dataset, build_dataset(dataset, args.split, args.data)
+    return dataset, check_images_fit(build_dataset(dataset, args.split, args.data), model.config, dataset)
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -165,7 +228,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .sampling import reconstructions
     model, ckpt = load_any(args.checkpoint, args.device)
     out = check_output(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{args.temperature:g}.png"), ".png")
-    _, data = _eval_data(args, ckpt)
+    _, data = _eval_data(args, ckpt, model)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
     pairs = reconstructions(model, prepare_batch(x, model.config, gen), args.temperature, gen)
@@ -184,7 +247,7 @@ def _cmd_kl_stats(args: argparse.Namespace) -> int:
     model, ckpt = load_any(args.checkpoint, args.device)
     stem = Path(args.output or ckpt.with_name(f"kl_stats_{args.split}"))
     check_output(stem.with_suffix(".json"), ".json"), check_output(stem.with_suffix(".png"), ".png")
-    dataset, data = _eval_data(args, ckpt)
+    dataset, data = _eval_data(args, ckpt, model)
     stats = kl_statistics(model, data, batch_size=args.batch_size, max_images=args.max_images,
                           generator=torch.Generator().manual_seed(args.seed))
     write_json(stem.with_suffix(".json"),
@@ -205,7 +268,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     from .sampling import interpolation
     model, ckpt = load_any(args.checkpoint, args.device)
     out = check_output(args.output or ckpt.with_name(f"interpolation_{args.a}_{args.b}.png"), ".png")
-    _, data = _eval_data(args, ckpt)
+    _, data = _eval_data(args, ckpt, model)
     for i in (args.a, args.b):
         if not 0 <= i < len(data):
             raise ValueError(f"image index {i} is outside the {args.split} split (0..{len(data) - 1})")
@@ -224,7 +287,7 @@ def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="data set name (default: the one the run was trained on)")
     p.add_argument("--data", default=None, help="folder holding the data set's files")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
 
 
 # ------------------------------------------------------------------------------------ FID
@@ -282,8 +345,8 @@ def cmd_fid(args: argparse.Namespace) -> int:
            "seed": args.seed, "stats": str(args.stats), "dims": int(mu.shape[0]),
            "inception_weights": str(args.inception_weights),
            "inception_weights_sha256": file_sha256(args.inception_weights)}
-    print(json.dumps(out, indent=2))
     write_json(output, out)
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -294,27 +357,27 @@ def add_fid_parsers(sub) -> None:
     p.add_argument("--dataset", required=True, help="data set name (as for training)")
     p.add_argument("--data", default=None, help="folder holding the data set's files")
     p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=count, default=None,
                    help="side of the images for resizable data sets (default: the data set's); use the model's")
     p.add_argument("--inception-weights", default=None, metavar="PATH", help=_FID_WEIGHTS_HELP)
     p.add_argument("--output", "-o", required=True, help="statistics file to write (.npz)")
-    p.add_argument("--max-images", type=int, default=None, help="use only the first N images")
+    p.add_argument("--max-images", type=count, default=None, help="use only the first N images")
     p.add_argument("--dims", type=int, default=2048, choices=FEATURE_DIMS,
                    help="Inception features (2048: standard FID)")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=count, default=50)
+    p.add_argument("--num-workers", type=non_negative, default=0, help="data loader worker processes")
+    p.add_argument("--device", type=device, default="cpu")
     p.set_defaults(func=cmd_fid_stats)
 
     p = sub.add_parser("fid", help="FID of samples from the prior against data statistics (JSON)")
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
     p.add_argument("--stats", required=True, help="data statistics from nvae fid-stats (or pytorch-fid's .npz)")
     p.add_argument("--inception-weights", default=None, metavar="PATH", help=_FID_WEIGHTS_HELP)
-    p.add_argument("-n", "--num-samples", type=int, default=10000, help="number of samples")
-    p.add_argument("--temperature", "-t", type=float, default=1.0, help="prior temperature")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("-n", "--num-samples", type=count, default=10000, help="number of samples")
+    p.add_argument("--temperature", "-t", type=temperature, default=1.0, help="prior temperature")
+    p.add_argument("--batch-size", type=count, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")
     p.set_defaults(func=cmd_fid)
 
@@ -330,17 +393,17 @@ def _add_training_parsers(sub) -> None:
                    help="architecture and recipe preset (see `nvae presets`; default digits, or the resumed run's)")
     p.add_argument("--data", default=None, help="folder holding the data set's files (not needed for digits)")
     p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/PRESET-TIMESTAMP)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after M minutes of training")
+    p.add_argument("--max-steps", type=count, default=None, help="stop after N steps")
+    p.add_argument("--max-minutes", type=positive, default=None, help="stop after M minutes of training")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
                    help="continue the run in RUN (or --run-dir) from its last checkpoint, exactly")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="write checkpoint.pt every N steps")
+    p.add_argument("--checkpoint-every", type=count, default=None, help="write checkpoint.pt every N steps")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     p.add_argument("--strict-data", action="store_true",
                    help="stop on an unreadable image or a wrong channel count (default: skip or convert, and warn)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--epochs", type=count, default=None)
+    p.add_argument("--batch-size", type=count, default=None)
+    p.add_argument("--learning-rate", type=positive, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on CPU)")
@@ -349,7 +412,11 @@ def _add_training_parsers(sub) -> None:
                         "cell roles given (e.g. normal_post,up_post)")
     p.add_argument("--recompute-bn", action="store_true",
                    help="store only BN inputs and recompute BN + Swish in backward (less memory, a little slower)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue on other data than the run trained on (its schedules change)")
+    p.add_argument("--dist-timeout", type=positive, default=None, metavar="MINUTES",
+                   help="under torchrun: how long a process waits for the others (default 5)")
     p.add_argument("--no-tune-allocator", dest="tune_allocator", action="store_false",
                    help="leave glibc malloc settings alone")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="override an NVAEConfig field")
@@ -362,27 +429,30 @@ def _add_evaluation_parsers(sub) -> None:
     p = sub.add_parser("eval", help="NELBO and importance-weighted NLL over a split")
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--num-samples", "-k", type=int, default=1000, help="K of the importance-weighted bound")
+    p.add_argument("--num-samples", "-k", type=count, default=1000, help="K of the importance-weighted bound")
     p.add_argument("--dataset", default=None, help="data set name (default: the one the run was trained on)")
     p.add_argument("--data", default=None, help="folder holding the data set's files")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-batch", type=int, default=None,
+    p.add_argument("--batch-size", type=count, default=16)
+    p.add_argument("--max-batch", type=count, default=None,
                    help="images per forward pass, K folded in (default: 64 on CPU, 1024 on GPU)")
-    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--max-images", type=count, default=None, help="evaluate only the first N images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted evaluation from OUTPUT's .partial.json (same arguments only; "
                         "same numbers as an uninterrupted run)")
-    p.add_argument("--save-every", type=int, default=10, metavar="N",
+    p.add_argument("--save-every", type=non_negative, default=10, metavar="N",
                    help="write partial sums every N batches per process, for --resume (0: never)")
-    p.add_argument("--device", default="cpu", help="torch device; under torchrun cuda means cuda:LOCAL_RANK")
+    p.add_argument("--device", type=device, default="cpu",
+                   help="torch device; under torchrun cuda means cuda:LOCAL_RANK")
+    p.add_argument("--dist-timeout", type=positive, default=5.0, metavar="MINUTES",
+                   help="under torchrun: how long a process waits for the others")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("kl-stats", help="average KL and active units per latent group (JSON and bar plot)")
     _add_eval_data_args(p)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--batch-size", type=count, default=64)
+    p.add_argument("--max-images", type=count, default=None)
     p.add_argument("--output", default=None, help="path stem for .json and .png (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_kl_stats)
 
@@ -391,38 +461,38 @@ def _add_image_parsers(sub) -> None:
     """Add the commands that draw images to ``sub`` (an argparse subparsers object)."""
     p = sub.add_parser("sample", help="sample images from the prior (PNG grid and .npz)")
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
-    p.add_argument("-n", type=int, default=64, help="number of samples")
-    p.add_argument("--temperature", "-t", type=float, default=None, help="prior temperature (default 1.0)")
+    p.add_argument("-n", type=count, default=64, help="number of samples")
+    p.add_argument("--temperature", "-t", type=temperature, default=None, help="prior temperature (default 1.0)")
     p.add_argument("--temperatures", default=None, help="comma-separated list, one grid each")
     p.add_argument("--per-group-temperature", default=None, help="comma-separated, one per latent group")
     p.add_argument("--readjust-bn", action="store_true", help="re-estimate decoder BN statistics at t (cached)")
-    p.add_argument("--readjust-steps", type=int, default=500)
+    p.add_argument("--readjust-steps", type=count, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("reconstruct", help="inputs beside their reconstructions (PNG)")
     _add_eval_data_args(p)
-    p.add_argument("-n", type=int, default=32, help="number of inputs")
-    p.add_argument("--temperature", "-t", type=float, default=0.0,
+    p.add_argument("-n", type=count, default=32, help="number of inputs")
+    p.add_argument("--temperature", "-t", type=temperature, default=0.0,
                    help="posterior temperature: 0 = posterior means, 1 = posterior samples")
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("interpolate", help="decode the line between two inputs' latents (PNG row)")
     _add_eval_data_args(p)
-    p.add_argument("--a", type=int, default=0, help="index of the first image in the split")
-    p.add_argument("--b", type=int, default=1, help="index of the second image")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--a", type=non_negative, default=0, help="index of the first image in the split")
+    p.add_argument("--b", type=non_negative, default=1, help="index of the second image")
+    p.add_argument("--steps", type=count, default=8)
     p.add_argument("--groups", default=None, help="comma-separated latent groups to interpolate (default: all)")
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_interpolate)
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nvae", description=__doc__)
+    parser = _Parser(prog="nvae", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_training_parsers(sub)
     _add_evaluation_parsers(sub)
     _add_image_parsers(sub)
@@ -432,7 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:   # a usage error (one line already said) or --help: the status, as every command
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -444,8 +517,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"nvae: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
+        from .distributed import PeerTimeout
         from .stability import TrainingDiverged
-        if args.debug or not isinstance(e, TrainingDiverged):
+        if args.debug or not isinstance(e, (TrainingDiverged, PeerTimeout)):
             raise
         print(f"nvae: error: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -63,6 +64,33 @@ ARCH_INSTANCES: Dict[str, Dict[str, List[str]]] = {
     "res35_mbconv": _table(["res_bnswish", "res_bnswish5"], _SEP6, ["res_bnswish", "res_bnswish5"], _SEP3),
     "res55_mbconv": _table(["res_bnswish5", "res_bnswish5"], _SEP6, ["res_bnswish5", "res_bnswish5"], _SEP3),
 }
+
+
+def check_field_types(config) -> None:
+    """Every field of the dataclass ``config`` holds a value of its declared kind, numbers finite:
+    what a JSON file or an override brings is checked before anything uses it."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if value is None:
+            if "Optional" not in kind:
+                raise ValueError(f"{f.name} must not be empty (null); give a value or leave the field out")
+            continue
+        base = kind.replace("Optional[", "").rstrip("]")
+        if base == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be true or false, got {value!r}")
+        if base in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                         or (base == "int" and not isinstance(value, int))):
+            raise ValueError(f"{f.name} must be {'a whole number' if base == 'int' else 'a number'}, got {value!r}")
+        if base == "float" and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if base == "str" and not isinstance(value, str):
+            raise ValueError(f"{f.name} must be a string, got {value!r}")
+
+
+def _config_dict(data, what: str) -> dict:
+    if not isinstance(data, dict):
+        raise ValueError(f"a {what} must be a JSON object of fields, got {type(data).__name__}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -141,6 +169,7 @@ class NVAEConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the problem and the fix."""
+        check_field_types(self)
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.in_channels not in (1, 3):
@@ -180,6 +209,7 @@ class NVAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "NVAEConfig":
+        data = _config_dict(data, "model config")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -310,8 +340,28 @@ class TrainConfig:
     skip_grad_window: int = 200
     max_consecutive_skips: int = 20      #: then roll back to the last checkpoint (0: never)
     rollback_lr_factor: float = 0.5      #: learning-rate multiplier applied at each roll-back
+    #: on resume, continue on data other than the run's (another folder, or another number of images)
+    allow_data_change: bool = False
+    dist_timeout_minutes: float = 5.0    #: under torchrun: how long a process waits for the others
 
     def __post_init__(self):
+        if isinstance(self.checkpointing_roles, list):   # as JSON brings it
+            object.__setattr__(self, "checkpointing_roles", tuple(self.checkpointing_roles))
+        check_field_types(self)
+        for name in ("learning_rate", "kl_anneal_portion"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("learning_rate_min", "weight_decay", "weight_decay_norm", "kl_const_portion", "kl_const_coeff",
+                     "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.skip_grad_factor is not None and self.skip_grad_factor <= 1:
+            raise ValueError(f"skip_grad_factor must be > 1 (or None to skip only non-finite steps), "
+                             f"got {self.skip_grad_factor}")
+        if self.dist_timeout_minutes <= 0:
+            raise ValueError(f"dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
+        if not 0 < self.skip_grad_quantile <= 1:
+            raise ValueError(f"skip_grad_quantile must be in (0, 1], got {self.skip_grad_quantile}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("batch_size", "epochs", "log_every", "image_every", "checkpoint_every", "skip_grad_window"):
@@ -345,6 +395,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
+        data = _config_dict(data, "training config")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; they may come from another nvae version")

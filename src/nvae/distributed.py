@@ -17,8 +17,10 @@ Use::
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -33,6 +35,27 @@ from .layers import BN_EPS, BN_MOMENTUM
 log = logging.getLogger(__name__)
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+#: How long a process waits for the others in a collective before giving up (gloo's own default is 30 minutes).
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+
+
+class PeerTimeout(RuntimeError):
+    """The other processes did not answer within the process group's timeout."""
+
+
+@contextlib.contextmanager
+def waiting_for_peers(what: str, ctx: "DistributedContext"):
+    """Turn a collective's timeout during ``what`` into a :class:`PeerTimeout` that says so."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).lower()
+        if not ctx.enabled or not ("timed out" in text or "timeout" in text):
+            raise
+        raise PeerTimeout(f"process {ctx.rank} of {ctx.world_size} got no answer from the others during {what} "
+                          "within the timeout (--dist-timeout): one of them has stopped or hangs; this process "
+                          "stops without writing anything") from None
 
 
 # ------------------------------------------------------------------ process group
@@ -113,7 +136,8 @@ class DistributedContext:
 
 
 def init_distributed(device: Union[str, torch.device] = "cpu", backend: Optional[str] = None,
-                     environ: Optional[Mapping[str, str]] = None) -> DistributedContext:
+                     environ: Optional[Mapping[str, str]] = None,
+                     timeout: timedelta = DEFAULT_TIMEOUT) -> DistributedContext:
     """Join the torchrun job this process belongs to, if any.
 
     Without torchrun's variables (or with ``WORLD_SIZE=1``) nothing happens and
@@ -142,7 +166,7 @@ def init_distributed(device: Union[str, torch.device] = "cpu", backend: Optional
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), init_method="env://",
-                            rank=rank, world_size=world)
+                            rank=rank, world_size=world, timeout=timeout)
     return DistributedContext(rank, local, world, device, True)
 
 

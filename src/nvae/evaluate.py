@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, model_fingerprint
 from .data import prepare_batch
 from .model import NVAE, iw_bound
 
@@ -77,16 +77,6 @@ def batch_seed(seed: int, index: int) -> int:
     """The seed of global batch ``index``'s generator: a 63-bit hash of ``(seed, index)``."""
     digest = hashlib.blake2b(f"nvae-eval/{seed}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2 ** 63 - 1)
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of ``model``'s state dict (names, dtypes, shapes and bytes): which weights were evaluated."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def partial_path_for(output: Union[str, Path]) -> Path:
@@ -126,7 +116,8 @@ class PartialFile:
 
 
 @torch.no_grad()
-def evaluate(model: NVAE, data: Dataset, config: EvalConfig = EvalConfig(), *, generator: Optional[torch.Generator] = None,
+def evaluate(model: NVAE, data: Dataset, config: EvalConfig = EvalConfig(), *,
+             generator: Optional[torch.Generator] = None,
              dist_ctx: Optional["DistributedContext"] = None, partial: Optional[PartialFile] = None,
              progress: bool = True) -> EvalResult:
     """Importance-weighted NLL with K = ``config.num_samples`` and the NELBO over ``data`` (in eval mode),
@@ -227,7 +218,8 @@ class _EvalRun:
         if done and progress and main:
             bar.write(f"resuming from {self.partial.path}: {self.images_in(0, done)} of {self.total} images done",
                       file=sys.stderr)
-        mine = [list(range(b * b_size, min((b + 1) * b_size, self.total))) for b in range(done + rank, n_batches, world)]
+        mine = [list(range(b * b_size, min((b + 1) * b_size, self.total)))
+                for b in range(done + rank, n_batches, world)]
         batches = iter(DataLoader(self.data, batch_sampler=mine))
         block = self.config.save_every * world
         for start in range(done, n_batches, block):

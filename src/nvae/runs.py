@@ -28,7 +28,8 @@ from .official import OFFICIAL_DATASETS
 log = logging.getLogger("nvae.train")
 
 #: Options that only steer a run (when to stop, log, write): a resumed run may change them.
-RUN_CONTROL = ("max_steps", "max_minutes", "log_every", "image_every", "checkpoint_every")
+RUN_CONTROL = ("max_steps", "max_minutes", "log_every", "image_every", "checkpoint_every", "allow_data_change",
+               "dist_timeout_minutes")
 
 
 class RunDirError(ValueError):
@@ -84,6 +85,23 @@ def checkpoint_to_resume(run_dir: Path, model_config: NVAEConfig, cfg: TrainConf
     return state
 
 
+def data_identity(dataset: str, root: Optional[str], train_images: int) -> dict:
+    """What identifies a run's training data: the data set, its folder and the number of images."""
+    return {"dataset": dataset, "root": None if root is None else str(Path(root).resolve()),
+            "train_images": train_images}
+
+
+def check_same_data(stored: Optional[dict], identity: dict, allowed: bool, where: Path) -> None:
+    """Refuse to resume a run on other data than it trained on (its schedules would change mid-run)."""
+    before = (stored or {}).get("data")
+    if before is None or before == identity or allowed:
+        return
+    def text(d):  # noqa: E306
+        return f"{d['dataset']} in {d['root'] or '(built in)'}, {d['train_images']} training images"
+    raise RunDirError(f"{where} trained on {text(before)}; now it is given {text(identity)}. Resume with the same "
+                      "--data, or pass --allow-data-change to continue on the new data")
+
+
 def run_configs(preset: Optional[str], resume_dir: Optional[Path], model_overrides: dict,
                 train_overrides: dict) -> Tuple[str, NVAEConfig, TrainConfig]:
     """``(name, model config, training config)`` of a run: a preset (default ``digits``) with overrides,
@@ -91,6 +109,7 @@ def run_configs(preset: Optional[str], resume_dir: Optional[Path], model_overrid
     :func:`check_same_run` later limits to :data:`RUN_CONTROL`)."""
     if resume_dir is not None and preset is None:
         stored_model, stored_train, _ = stored_run_configs(resume_dir)
+        stored_train = {k: v for k, v in stored_train.items() if k != "allow_data_change"}   # asked anew each time
         model_cfg = dataclasses.replace(NVAEConfig.from_dict(stored_model), **model_overrides)
         return "run", model_cfg, TrainConfig.from_dict({**stored_train, **train_overrides})
     name = preset or "digits"
@@ -117,7 +136,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.run_dir, self.path, self._fd = run_dir, run_dir / self.NAME, None
-        self._made_dir = False
+        self._made_dir = self._made_file = False
 
     def acquire(self) -> "RunLock":
         try:
@@ -126,6 +145,7 @@ class RunLock:
             return self
         self._made_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._made_file = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -145,7 +165,7 @@ class RunLock:
             return
         os.close(self._fd)
         self._fd = None
-        if not keep:
+        if not keep and self._made_file:
             self.path.unlink(missing_ok=True)
             if self._made_dir and not any(self.run_dir.iterdir()):
                 self.run_dir.rmdir()
@@ -167,18 +187,32 @@ def check_output(path: Union[str, Path], suffix: str) -> Path:
 
 
 def write_configs(run_dir: Path, model_config: NVAEConfig, cfg: TrainConfig) -> None:
-    """Both configs as JSON in ``run_dir`` (and leftovers of a write killed midway removed)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".checkpoint.pt.*.tmp"):
-        stale.unlink()
+    """Both configs as JSON in ``run_dir``."""
     write_json(run_dir / "model_config.json", model_config.to_dict(), sort_keys=True)
     write_json(run_dir / "train_config.json", cfg.to_dict())
 
 
 def write_json(path: Union[str, Path], obj, sort_keys: bool = False) -> None:
-    """``obj`` as indented JSON, written atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
+    """``obj`` as indented JSON, written atomically. A number that is not finite (which JSON cannot
+    hold, and which means the result is garbage) is an error, and nothing is written."""
+    bad = _non_finite(obj)
+    if bad is not None:
+        raise ValueError(f"not writing {path}: {bad[0]} is {bad[1]}, not a finite number; the model or the data "
+                         "hold NaN or inf (check the checkpoint)")
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _non_finite(obj, where: str = "a value"):
+    """(where, value) of the first non-finite float in a JSON-like ``obj``, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, str(key))
+        if found is not None:
+            return found
+    return None
 
 
 # ------------------------------------------------------------------ logging

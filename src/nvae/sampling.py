@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, atomic_torch_save, atomic_write, safe_load, save_png
+from .checkpoint import CheckpointError, atomic_torch_save, atomic_write, model_fingerprint, safe_load, save_png
 from .model import NVAE, Temperature, training_mode
 
 
@@ -44,21 +44,28 @@ def bn_cache_path(checkpoint: Union[str, Path], temperature: Temperature, steps:
 def readjust_bn_cached(model: NVAE, checkpoint: Union[str, Path], temperature: Temperature, steps: int = 500,
                        batch_size: int = 36, generator: Optional[torch.Generator] = None,
                        progress: bool = False) -> bool:
-    """:func:`readjust_bn`, reusing statistics cached beside ``checkpoint``; True if the cache was used."""
+    """:func:`readjust_bn`, reusing statistics cached beside ``checkpoint``; True if the cache was used.
+
+    The cache records the SHA-256 of the weights and statistics it was computed from
+    (``model`` as given, before re-adjustment): after more training the checkpoint's
+    weights change, and the stale statistics are recomputed rather than reused.
+    """
     path = bn_cache_path(checkpoint, temperature, steps)
     layers = decoder_bn_layers(model)
+    weights = model_fingerprint(model)
     if path.exists():
         try:
             cached = safe_load(path)
-            for name, m in layers.items():
-                m.running_mean.copy_(cached[f"{name}.running_mean"])
-                m.running_var.copy_(cached[f"{name}.running_var"])
-            model.eval()
-            return True
-        except (CheckpointError, KeyError, RuntimeError):
+            if cached.get("weights_sha256") == weights:
+                for name, m in layers.items():
+                    m.running_mean.copy_(cached[f"{name}.running_mean"])
+                    m.running_var.copy_(cached[f"{name}.running_var"])
+                model.eval()
+                return True
+        except (CheckpointError, KeyError, RuntimeError, AttributeError):
             pass   # a stale or damaged cache is recomputed and overwritten
     readjust_bn(model, temperature, steps, batch_size, generator, progress)
-    state = {}
+    state = {"weights_sha256": weights}
     for name, m in layers.items():
         state[f"{name}.running_mean"] = m.running_mean.clone()
         state[f"{name}.running_var"] = m.running_var.clone()

@@ -121,8 +121,9 @@ class TrainState:
         torch.manual_seed(seed)
         self.data_generator.manual_seed(seed + 1)
 
-    def save(self, path: Path, train_config: TrainConfig) -> None:
-        """Write the state of every process to ``path`` atomically (rank 0 writes; a collective under torchrun)."""
+    def save(self, path: Path, train_config: TrainConfig, data: Optional[dict] = None) -> None:
+        """Write the state of every process to ``path`` atomically (rank 0 writes; a collective under torchrun),
+        with ``data``, what identifies the training data (:func:`nvae.runs.data_identity`)."""
         state = self.state_dict()
         rngs = [state.pop("rng")]
         if self.dist.enabled:
@@ -131,4 +132,4 @@ class TrainState:
         if self.dist.is_main:
             state.pop("state_dict")
             save_model(self.model, path, train_config=train_config.to_dict(), step=self.step, rng=rngs,
-                       world_size=self.dist.world_size, **state)
+                       world_size=self.dist.world_size, data=data, **state)

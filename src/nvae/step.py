@@ -35,7 +35,8 @@ def learning_rate(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
         return cfg.learning_rate * step / warmup
     span = max(cfg.epochs - cfg.warmup_epochs - 1, 1)
     done = min(max(step // steps_per_epoch - cfg.warmup_epochs, 0), span)
-    return cfg.learning_rate_min + (cfg.learning_rate - cfg.learning_rate_min) * (1 + math.cos(math.pi * done / span)) / 2
+    cosine = (1 + math.cos(math.pi * done / span)) / 2
+    return cfg.learning_rate_min + (cfg.learning_rate - cfg.learning_rate_min) * cosine
 
 
 def schedule(step: int, steps_per_epoch: int, cfg: TrainConfig, alpha: Optional[torch.Tensor],

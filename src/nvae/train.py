@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -25,12 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import read_checkpoint
 from .config import TRAIN_PRESETS, NVAEConfig, TrainConfig  # noqa: F401  (re-exported)
-from .data import build_dataset, prepare_batch
-from .distributed import DistributedContext, init_distributed
+from .data import build_dataset, check_images_fit, prepare_batch
+from .distributed import DistributedContext, init_distributed, waiting_for_peers
 from .model import NVAE
 from .objective import Loss, kl_balance_alpha
 from .resume import ResumableSampler, StopSignal
-from .runs import RunDirError, RunLock, RunLog, checkpoint_to_resume, stored_run_configs, write_configs  # noqa: F401
+from .runs import (RunDirError, RunLock, RunLog, check_same_data, checkpoint_to_resume, data_identity,  # noqa: F401
+                   stored_run_configs, write_configs)
 from .stability import TrainingDiverged
 from .state import TrainState, rank_seed
 from .step import Coefficients, learning_rate, schedule, train_step  # noqa: F401  (re-exported)
@@ -72,7 +74,7 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
     process must be able to read, for resuming and roll-backs).
     """
     run_dir = Path(run_dir)
-    dist_ctx = init_distributed(device)
+    dist_ctx = init_distributed(device, timeout=timedelta(minutes=train_config.dist_timeout_minutes))
     previous = torch.are_deterministic_algorithms_enabled()
     log, lock = None, RunLock(run_dir)
     try:
@@ -80,18 +82,22 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
             torch.use_deterministic_algorithms(True)
         with StopSignal() as stop:
             # Problems with the run directory and the data are reported before anything is written.
-            checkpoint_to_resume(run_dir, model_config, train_config, resume)
+            # Rank 0 owns the directory: the others only read what they resume from.
+            main = dist_ctx.is_main
+            stored = checkpoint_to_resume(run_dir, model_config, train_config, resume) if main or resume else None
             data, test_data = training_data(model_config, train_config, data_root, dist_ctx)
-            if dist_ctx.is_main:
+            identity = data_identity(train_config.dataset, data_root, len(data))
+            check_same_data(stored, identity, train_config.allow_data_change, run_dir)
+            if main:
                 lock.acquire()
-            try:   # again, now that no other process can write the directory meanwhile
-                stored = checkpoint_to_resume(run_dir, model_config, train_config, resume)
-            except RunDirError:
-                lock.release(keep=False)
-                raise
+                try:   # again, now that no other process can write the directory meanwhile
+                    stored = checkpoint_to_resume(run_dir, model_config, train_config, resume)
+                except RunDirError:
+                    lock.release(keep=False)
+                    raise
             if dist_ctx.is_main:
                 write_configs(run_dir, model_config, train_config)
-            state, batches = _start(model_config, train_config, data, test_data, dist_ctx, stored)
+            state, batches = _start(model_config, train_config, data, test_data, dist_ctx, stored, identity)
             log = RunLog(run_dir, dist_ctx.is_main, purge_step=state.step + 1 if stored is not None else None)
             _describe(log, state, train_config, batches, stored, run_dir, resume)
             _loop(state, train_config, batches, log, run_dir, progress, stop)
@@ -112,6 +118,7 @@ class TrainingData(NamedTuple):
     sampler: ResumableSampler
     loader: DataLoader
     fixed: torch.Tensor         #: test images whose reconstructions the run shows
+    identity: dict              #: what identifies the data (:func:`~nvae.runs.data_identity`)
 
 
 def training_data(model_config: NVAEConfig, cfg: TrainConfig, data_root: Optional[str],
@@ -125,16 +132,11 @@ def training_data(model_config: NVAEConfig, cfg: TrainConfig, data_root: Optiona
     if len(data) // world < cfg.batch_size:
         share = f" ({len(data) // world} per process for {world} processes)" if world > 1 else ""
         raise ValueError(f"the training set has {len(data)} images{share}, fewer than batch_size {cfg.batch_size}")
-    shape = tuple(data[0][0].shape)
-    expected = (model_config.in_channels, model_config.image_size, model_config.image_size)
-    if shape != expected:
-        raise ValueError(f"data set {cfg.dataset!r} yields images of shape {shape} but the model expects "
-                         f"{expected}; pick the matching preset or override in_channels / image_size")
-    return data, test_data
+    return check_images_fit(data, model_config, cfg.dataset), test_data
 
 
 def _start(model_config: NVAEConfig, cfg: TrainConfig, data: Dataset, test_data: Dataset,
-           dist_ctx: DistributedContext, stored: Optional[dict]):
+           dist_ctx: DistributedContext, stored: Optional[dict], identity: dict):
     """The run's state and its batches, seeded (and restored from ``stored``) as every process needs."""
     # Seeded identically on every process, so all build the same initial model.
     seed_everything(cfg.seed)
@@ -155,7 +157,7 @@ def _start(model_config: NVAEConfig, cfg: TrainConfig, data: Dataset, test_data:
         torch.manual_seed(seed)
     if stored is not None:
         state.load_state_dict(stored)
-    return state, TrainingData(data, sampler, loader, fixed)
+    return state, TrainingData(data, sampler, loader, fixed, identity)
 
 
 def _describe(log: RunLog, state: TrainState, cfg: TrainConfig, batches: TrainingData, stored: Optional[dict],
@@ -196,7 +198,8 @@ def _loop(state: TrainState, cfg: TrainConfig, batches: TrainingData, log: RunLo
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             coeffs = schedule(state.step, per_epoch, cfg, alpha, state.lr_scale)
-            out, grad_norm, stepped = train_step(state, x, coeffs)
+            with waiting_for_peers(f"training step {state.step + 1}", state.dist):
+                out, grad_norm, stepped = train_step(state, x, coeffs)
             if not stepped:
                 log.warning("step %d skipped: loss %.4g, gradient norm %.4g (threshold %.4g); %d skipped so far",
                             state.step, out.loss.item(), grad_norm.item(), state.guard.threshold(),
@@ -204,12 +207,13 @@ def _loop(state: TrainState, cfg: TrainConfig, batches: TrainingData, log: RunLo
             if state.guard.needs_rollback:
                 roll_back(state, ckpt_path, cfg, log)
             # Every process stops at the same step, whichever of them was signalled.
-            over_time, signalled = state.dist.any_of(
-                cfg.max_minutes is not None and state.elapsed + time.perf_counter() - t_start > 60 * cfg.max_minutes,
-                stop.received is not None)
+            minutes = (state.elapsed + time.perf_counter() - t_start) / 60
+            with waiting_for_peers(f"the bookkeeping after step {state.step}", state.dist):
+                over_time, signalled = state.dist.any_of(cfg.max_minutes is not None and minutes > cfg.max_minutes,
+                                                         stop.received is not None)
+                stats = _batch_means(out, state.dist)
             if over_time:
                 last_step = state.step
-            stats = _batch_means(out, state.dist)
             bar.update(1)
             bar.set_postfix(nelbo=f"{stats['nelbo'].item():.2f}", kl=f"{stats['kl'].item():.2f}",
                             skipped=state.guard.total,
@@ -221,7 +225,8 @@ def _loop(state: TrainState, cfg: TrainConfig, batches: TrainingData, log: RunLo
             if signalled or state.step % cfg.checkpoint_every == 0 or state.step == last_step:
                 state.elapsed += time.perf_counter() - t_start
                 t_start, start_step = time.perf_counter(), state.step
-                state.save(ckpt_path, cfg)
+                with waiting_for_peers(f"the checkpoint of step {state.step}", state.dist):
+                    state.save(ckpt_path, cfg, batches.identity)
             if signalled:
                 bar.close()
                 name = stop.name or "a signal on another process"

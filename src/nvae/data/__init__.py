@@ -44,11 +44,11 @@ from __future__ import annotations
 
 from . import datasets  # noqa: F401  (registers the data sets)
 from .lmdb_store import write_lmdb
-from .registry import SCANS, DataError, available, build_dataset, prepare_batch, quantize, register
+from .registry import SCANS, DataError, available, build_dataset, check_images_fit, prepare_batch, quantize, register
 from .sources import HELD_OUT, IMAGE_EXTENSIONS, SPLIT_DIRS, ImageDataset
 from .transforms import CELEBA64_CROP, celeba64_transform, image_transform
 
 __all__ = ["DataError", "register", "available", "build_dataset", "quantize", "prepare_batch",
            "ImageDataset", "image_transform", "celeba64_transform", "write_lmdb", "IMAGE_EXTENSIONS",
-           "CELEBA64_CROP", "SPLIT_DIRS", "HELD_OUT", "SCANS"]
+           "CELEBA64_CROP", "SPLIT_DIRS", "HELD_OUT", "SCANS", "check_images_fit"]
 

@@ -83,6 +83,17 @@ def build_dataset(name: str, split: str = "train", root: Optional[str] = None, d
     return entry.fn(split=split, root=root, download=download, **kwargs)
 
 
+def check_images_fit(data: Dataset, config, name: str) -> Dataset:
+    """``data`` if its images have the shape a model of ``config`` takes; a clear error otherwise."""
+    shape = tuple(data[0][0].shape)
+    expected = (config.in_channels, config.image_size, config.image_size)
+    if shape != expected:
+        raise DataError(f"data set {name!r} yields images of shape {shape} but the model expects {expected}; "
+                        "pick the data set the model was trained on (or the matching preset, or override "
+                        "in_channels / image_size)")
+    return data
+
+
 def quantize(x: torch.Tensor, num_bits: int) -> torch.Tensor:
     """Reduce 8-bit images in [0, 1] to ``num_bits`` (the official ``pre_process``):
     ``floor(x * 255 / 2^(8 - bits)) / (2^bits - 1)``."""
