@@ -101,6 +101,9 @@ class EvalConfig:
         if self.num_samples < 1 or self.batch_size < 1 or self.save_every < 1:
             raise ValueError(f"num_samples, batch_size and save_every must be positive, got {self.num_samples}, "
                              f"{self.batch_size} and {self.save_every}")
+        for name in ("max_batch", "max_images"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive (or None), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ class _EvalRun:
         total = len(data) if config.max_images is None else min(config.max_images, len(data))
         if total < 1:
             raise ValueError(f"nothing to evaluate: the split holds {len(data)} images, max_images={config.max_images}")
-        max_batch = config.max_batch or (1024 if device.type == "cuda" else 64)
+        max_batch = config.max_batch if config.max_batch is not None else (1024 if device.type == "cuda" else 64)
         seed = config.seed
         if seed is None:
             if partial is not None and generator is None:
