@@ -9,46 +9,21 @@ from typing import List, Optional
 
 # ------------------------------------------------------------------ option types
 # Every number is checked where it enters: argparse turns a ValueError here into one line and exit 2.
-def count(text: str) -> int:
-    """A positive whole number (images, steps, samples, ...)."""
-    value = int(text)
-    if value < 1:
-        raise ValueError
-    return value
+def _checked(convert, ok, name: str):
+    """An argparse type: ``convert(text)``, refused unless ``ok``; ``name`` is what argparse calls it."""
+    def parse(text: str):
+        value = convert(text)
+        if not ok(value):
+            raise ValueError
+        return value
+    parse.__name__ = name
+    return parse
 
 
-count.__name__ = "positive integer"
-
-
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError
-    return value
-
-
-non_negative.__name__ = "non-negative integer"
-
-
-def temperature(text: str) -> float:
-    """A finite temperature >= 0."""
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError
-    return value
-
-
-temperature.__name__ = "finite non-negative number"
-
-
-def positive(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError
-    return value
-
-
-positive.__name__ = "finite positive number"
+count = _checked(int, lambda v: v >= 1, "positive integer")                     # images, steps, samples, ...
+non_negative = _checked(int, lambda v: v >= 0, "non-negative integer")
+temperature = _checked(float, lambda v: math.isfinite(v) and v >= 0, "finite non-negative number")
+positive = _checked(float, lambda v: math.isfinite(v) and v > 0, "finite positive number")
 
 
 def device(text: str) -> str:

@@ -84,6 +84,7 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
             # Problems with the run directory and the data are reported before anything is written.
             # Rank 0 owns the directory: the others only read what they resume from.
             main = dist_ctx.is_main
+            seen = _file_version(run_dir / "checkpoint.pt")
             stored = checkpoint_to_resume(run_dir, model_config, train_config, resume) if main or resume else None
             data, test_data = training_data(model_config, train_config, data_root, dist_ctx)
             identity = data_identity(train_config.dataset, data_root, len(data))
@@ -91,7 +92,8 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
             if main:
                 lock.acquire()
                 try:   # again, now that no other process can write the directory meanwhile
-                    stored = checkpoint_to_resume(run_dir, model_config, train_config, resume)
+                    if not resume or _file_version(run_dir / "checkpoint.pt") != seen:
+                        stored = checkpoint_to_resume(run_dir, model_config, train_config, resume)
                 except RunDirError:
                     lock.release(keep=False)
                     raise
@@ -111,6 +113,15 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
         lock.release()
         torch.use_deterministic_algorithms(previous)
         dist_ctx.close()
+
+
+def _file_version(path: Path) -> Optional[tuple]:
+    """(modification time, size) of a file, or None: whether it changed since it was read."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 class TrainingData(NamedTuple):
