@@ -97,10 +97,9 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
                 except RunDirError:
                     lock.release(keep=False)
                     raise
-            if dist_ctx.is_main:
                 write_configs(run_dir, model_config, train_config)
             state, batches = _start(model_config, train_config, data, test_data, dist_ctx, stored, identity)
-            log = RunLog(run_dir, dist_ctx.is_main, purge_step=state.step + 1 if stored is not None else None)
+            log = RunLog(run_dir, main, purge_step=state.step + 1 if stored is not None else None)
             _describe(log, state, train_config, batches, stored, run_dir, resume)
             _loop(state, train_config, batches, log, run_dir, progress, stop)
         if getattr(data, "skipped", 0):
