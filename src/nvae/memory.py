@@ -119,11 +119,6 @@ def set_recompute_bn(model: nn.Module, enabled: bool = True) -> None:
                 _move(m, lean if enabled else plain)
 
 
-def recomputes_bn(model: nn.Module) -> bool:
-    """Whether :func:`set_recompute_bn` is on for ``model``."""
-    return any(isinstance(m, tuple(_LEAN.values())) for m in model.modules())
-
-
 # ------------------------------------------------------------- forward weights
 class _ForwardWeight:
     """Mixin for a :class:`~nvae.layers.WNConv2d`: keeps the weight its forward pass applied
