@@ -458,7 +458,7 @@ def kl_section(model, data, why: str, run_dir: Path, options: ReportOptions) -> 
     sec = Section("kl", "KL and active units per group")
     if model is not None and data is not None:
         stats = kl_statistics(model, data, max_images=options.kl_images, progress=options.progress,
-                              generator=torch.Generator().manual_seed(options.seed))
+                              generator=_generator(options))
         source = f"computed now on the {options.split} split ({stats.num_images} images, seed {options.seed})"
     else:
         stats, name = _kl_from_json(run_dir)
