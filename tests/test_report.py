@@ -203,7 +203,8 @@ def test_cli_writes_the_page(run, tmp_path, capsys):
     assert "temperature 0.7" in page.sections["samples"]["text"]
 
 
-@pytest.mark.parametrize("extra", [["--samples-temperatures", "0.5,hot"], ["--keep-groups", "0,99"],
+@pytest.mark.parametrize("extra", [["--samples-temperatures", "0.5,hot"], ["--samples-temperatures", ","],
+                                   ["--keep-groups", "0,99"],
                                    ["--keep-groups", "x"], ["-o", "{tmp}/r.txt"], ["-o", "{tmp}/missing/r.html"],
                                    ["-o", "{run}/model_config.json"]])
 def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, extra):
@@ -218,3 +219,12 @@ def test_bad_input_is_one_line_and_writes_nothing(run, tmp_path, capsys, extra):
 def test_a_folder_without_a_checkpoint_is_refused(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "report.html").exists()
+
+
+def test_options_are_checked():
+    for bad in (dict(temperatures=()), dict(temperatures=(float("nan"),)), dict(num_samples=0),
+                dict(partial_temperature=-1.0), dict(split="valid")):
+        with pytest.raises(ValueError):
+            ReportOptions(**bad)
+    assert default_keep_groups(6) == [0, 1, 2, 4, 6] and default_keep_groups(1) == [0, 1]
+    assert default_keep_groups(8) == [0, 1, 2, 4, 8]
