@@ -334,7 +334,8 @@ def kl_statistics(model: NVAE, data: Dataset, batch_size: int = 64, max_images: 
     for (x,) in tqdm(loader, desc="kl-stats", disable=not progress, total=math.ceil(total / batch_size)):
         if seen >= total:
             break
-        x = prepare_batch(x[: total - seen], cfg, generator).to(next(model.parameters()).device)
+        # on the model's device first, so that one generator of that device serves binarisation and posterior
+        x = prepare_batch(x[: total - seen].to(next(model.parameters()).device), cfg, generator)
         part = model(x, generator=generator).kl_per_channel.double().sum(0)
         kl_channels = part if kl_channels is None else kl_channels + part
         seen += x.shape[0]
