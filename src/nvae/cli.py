@@ -224,7 +224,7 @@ def _cmd_kl_stats(args: argparse.Namespace) -> int:
     check_output(stem.with_suffix(".json"), ".json"), check_output(stem.with_suffix(".png"), ".png")
     dataset, data = _eval_data(args, ckpt, model)
     stats = kl_statistics(model, data, batch_size=args.batch_size, max_images=args.max_images,
-                          generator=torch.Generator().manual_seed(args.seed))
+                          generator=torch.Generator(device=args.device).manual_seed(args.seed))
     write_json(stem.with_suffix(".json"),
                {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, **stats.to_dict()})
     plot_kl_stats(stats, stem.with_suffix(".png"))
