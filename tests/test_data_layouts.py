@@ -7,6 +7,7 @@ as the official ``datasets.py`` builds them, applied to the same PIL images.
 """
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -129,6 +130,10 @@ def test_a_raw_record_of_the_wrong_size_is_named(tmp_path):
         ds[3]
     with pytest.raises(DataError, match=r"train\.lmdb\[2\]"):   # a scan finds it at construction
         build_dataset("imagenet32", "train", str(tmp_path), image_size=4, scan="verify")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # good raw records pass both scans, none skipped
+        for scan in ("verify", "load"):
+            assert len(build_dataset("imagenet32", "test", str(tmp_path), image_size=4, scan=scan)) == 3
 
 
 def test_raw_side_rule():
@@ -156,3 +161,24 @@ def test_the_eval_json_names_the_file_and_count(tmp_path, monkeypatch, capsys):
     assert result["num_images"] == 3
     assert result["data_source"].startswith(f"LMDB {data}/validation.lmdb (raw 8x8x3 uint8 pixels)")
     assert result["data_source"].endswith("3 images")
+
+
+def test_torchvision_celeba_is_evaluated_on_its_validation_partition(tmp_path, monkeypatch):
+    from torchvision import datasets
+    folder = tmp_path / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    names, parts = [f"{i:06d}.jpg" for i in range(1, 7)], [0, 1, 1, 2, 0, 1]
+    photos = _pixels(6, 178, 5, height=218)
+    for name, arr in zip(names, photos):
+        (folder / "img_align_celeba" / name).write_bytes(_jpeg(arr))
+    (folder / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, parts)))
+    (folder / "identity_CelebA.txt").write_text("".join(f"{n} 1\n" for n in names))
+    for fname, cols in (("list_bbox_celeba.txt", "image_id x_1"), ("list_landmarks_align_celeba.txt", "lefteye_x"),
+                        ("list_attr_celeba.txt", "Smiling")):
+        (folder / fname).write_text(f"{len(names)}\n{cols}\n" + "".join(f"{n} 1\n" for n in names))
+    monkeypatch.setattr(datasets.CelebA, "_check_integrity", lambda self: True)   # no md5 of the real files
+    ev = build_dataset("celeba64", "test", str(tmp_path))
+    valid = [Image.open(folder / "img_align_celeba" / n).convert("RGB") for n, p in zip(names, parts) if p == 1]
+    _same_as(ev, valid, _official_celeba64(flip=False))
+    assert "partition 'valid'" in ev.source_description and ev.source_description.endswith("3 images")
+    assert len(build_dataset("celeba64", "train", str(tmp_path))) == 2

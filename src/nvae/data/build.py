@@ -97,7 +97,7 @@ def _image_files(source: Path) -> List[Path]:
 
 
 def _num_train(num_train: Optional[int], n: int) -> int:
-    k = round(0.9 * n) if num_train is None else num_train
+    k = min(max(1, round(0.9 * n)), n - 1) if num_train is None else num_train
     if not 1 <= k < n:
         raise DataError(f"num_train={k} must leave at least one of the {n} images for each split; "
                         f"give --num-train between 1 and {n - 1}")
