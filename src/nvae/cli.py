@@ -142,7 +142,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             result = evaluate(model, data, config, dist_ctx=ctx, partial=resumable, progress=ctx.is_main)
         if ctx.is_main:
             out = {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, "seed": args.seed,
-                   **result.to_dict()}
+                   # which file and how many images of it: e.g. the official validation.lmdb, not test.lmdb
+                   "data_source": getattr(data, "source_description", None), **result.to_dict()}
             write_json(output, out)
             print(json.dumps(out, indent=2))
     finally:
@@ -510,6 +511,37 @@ def _add_report_parsers(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_cmd_report)
 
+# ------------------------------------------------------------------ data preparation
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from .data import build_official_lmdbs
+    counts = build_official_lmdbs(args.kind, args.source, args.out, seed=args.seed, num_train=args.num_train,
+                                  progress=not args.no_progress, commit_every=args.commit_every)
+    for name, n in counts.items():
+        print(f"{args.out}/{name}.lmdb: {n} records")
+    print(f"train with: nvae train --preset {args.kind} --data {args.out}")
+    return 0
+
+
+def _add_data_parsers(sub) -> None:
+    """Add ``nvae data build KIND SOURCE OUT`` (the official LMDBs from downloaded data) to ``sub``."""
+    from .data import BUILD_KINDS
+    group = sub.add_parser("data", help="prepare data sets (nvae data build ...)")
+    data_sub = group.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p = data_sub.add_parser("build", help="write the official train.lmdb / validation.lmdb from downloaded data "
+                                          "(resumable: run it again after a kill)")
+    p.add_argument("kind", choices=BUILD_KINDS)
+    p.add_argument("source", help="celeba64: torchvision's CelebA root (celeba/img_align_celeba, "
+                                  "list_eval_partition.txt); ffhq256 / celebahq256: the image folder; "
+                                  "imagenet32: the folder of train_data_batch_1..10.npz and val_data.npz")
+    p.add_argument("out", help="output folder: give it to nvae train --data")
+    p.add_argument("--seed", type=int, default=0, help="ffhq256: seed of the stored train/validation permutation")
+    p.add_argument("--num-train", type=count, default=None,
+                   help="ffhq256 / celebahq256: images in train.lmdb (default 9/10: 63,000 / 27,000)")
+    p.add_argument("--commit-every", type=count, default=1000, metavar="N",
+                   help="records per LMDB transaction (a killed build resumes after the last one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_data_build)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nvae", description=__doc__)
@@ -520,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_parsers(sub)
     add_fid_parsers(sub)
     _add_report_parsers(sub)
+    _add_data_parsers(sub)
     return parser
 
 

@@ -37,12 +37,15 @@ DataLoader worker processes keep their own counts) and ``skipped_files``.
 
 Modules: :mod:`.registry` (``build_dataset``, ``register``, ``prepare_batch``),
 :mod:`.transforms` (PIL image -> tensor), :mod:`.sources` (image folders, splits,
-:class:`ImageDataset`), :mod:`.lmdb_store` (reading and writing LMDBs) and
-:mod:`.datasets` (the registered data sets). Import the public names from here.
+:class:`ImageDataset`), :mod:`.lmdb_store` (reading and writing LMDBs),
+:mod:`.official_layout` (the official ``train.lmdb`` / ``validation.lmdb`` layout, raw
+and encoded records), :mod:`.build` (``nvae data build``: the official LMDBs from
+downloaded data) and :mod:`.datasets` (the registered data sets). Import the public names from here.
 """
 from __future__ import annotations
 
 from . import datasets  # noqa: F401  (registers the data sets)
+from .build import BUILD_KINDS, build_official_lmdbs
 from .lmdb_store import write_lmdb
 from .registry import SCANS, DataError, available, build_dataset, check_images_fit, prepare_batch, quantize, register
 from .sources import HELD_OUT, IMAGE_EXTENSIONS, SPLIT_DIRS, ImageDataset
@@ -50,5 +53,6 @@ from .transforms import CELEBA64_CROP, celeba64_transform, image_transform
 
 __all__ = ["DataError", "register", "available", "build_dataset", "quantize", "prepare_batch",
            "ImageDataset", "image_transform", "celeba64_transform", "write_lmdb", "IMAGE_EXTENSIONS",
-           "CELEBA64_CROP", "SPLIT_DIRS", "HELD_OUT", "SCANS", "check_images_fit"]
+           "CELEBA64_CROP", "SPLIT_DIRS", "HELD_OUT", "SCANS", "check_images_fit",
+           "BUILD_KINDS", "build_official_lmdbs"]
 

@@ -13,8 +13,10 @@ from .transforms import CELEBA64_CROP, celeba64_transform
 
 
 class _Unlabelled(Dataset):
-    def __init__(self, base: Dataset):
+    def __init__(self, base: Dataset, source_description: Optional[str] = None):
         self.base = base
+        if source_description is not None:   # what reports (the eval JSON) say about the images used
+            self.source_description = f"{source_description}, {len(base)} images"
 
     def __len__(self):
         return len(self.base)
@@ -84,21 +86,26 @@ def _celeba64(split: str, root=None, download=False, image_size: int = 64, chann
     """CelebA 64x64 (NVAE.md section 3): aligned 178x218 images cropped to the box
     (15, 40, 163, 188), resized to 64, flipped on the training split.
 
-    Reads torchvision's layout (``ROOT/celeba/img_align_celeba`` and the list files;
-    ``download=True`` lets torchvision fetch them) with its 'test' partition as the
-    test split, or else ``ROOT/train`` and ``ROOT/val`` (or ``test``) holding aligned
-    images as image folders or LMDBs.
+    Reads, in this order: the official layout (``ROOT/train.lmdb`` and
+    ``ROOT/validation.lmdb`` of encoded images, as ``nvae data build celeba64`` or the
+    official ``create_celeba64_lmdb.py`` write them; evaluation on ``validation.lmdb``);
+    torchvision's layout (``ROOT/celeba/img_align_celeba`` and the list files;
+    ``download=True`` lets torchvision fetch them), evaluated on CelebA's validation
+    partition as the official code is; or ``ROOT/train`` and ``ROOT/val`` (or ``test``)
+    holding aligned images as image folders or LMDBs.
     """
     path = _need_root(root, "celeba64")
-    if download or (path / "celeba" / "img_align_celeba").is_dir():
+    official = (path / "train.lmdb").is_dir()
+    if download or (not official and (path / "celeba" / "img_align_celeba").is_dir()):
         from torchvision import datasets
         tf = celeba64_transform(flip and split == "train", image_size, channels)
+        partition = "train" if split == "train" else "valid"
         try:
-            base = datasets.CelebA(str(path), split=split, target_type=[], transform=tf, download=download)
+            base = datasets.CelebA(str(path), split=partition, target_type=[], transform=tf, download=download)
         except (RuntimeError, OSError) as e:
             raise DataError(f"CelebA under {path}/celeba is incomplete ({e}); it needs img_align_celeba/ and the "
                             "list_*.txt / identity_CelebA.txt files (download=True fetches them)") from None
-        return _Unlabelled(base)
+        return _Unlabelled(base, f"torchvision CelebA {path / 'celeba'} (partition {partition!r})")
     return _image_split("celeba64", split, root, image_size, channels, flip, strict, scan, crop_box=CELEBA64_CROP,
                         require_split_dirs=True)
 
@@ -106,16 +113,20 @@ def _celeba64(split: str, root=None, download=False, image_size: int = 64, chann
 @register("imagenet32")
 def _imagenet32(split: str, root=None, download=False, image_size: int = 32, channels: int = 3, flip: bool = True,
                 strict: bool = False, scan: str = "none") -> Dataset:
-    """Downsampled ImageNet 32x32 (van den Oord et al. 2016): ``ROOT/train`` and ``ROOT/val``,
-    each a folder of 32x32 images (any sub-folder layout) or an LMDB; flips on train."""
+    """Downsampled ImageNet 32x32 (van den Oord et al. 2016): the official layout
+    (``ROOT/train.lmdb`` and ``ROOT/validation.lmdb``, raw 32x32x3 pixels, as
+    ``nvae data build imagenet32`` writes them), or ``ROOT/train`` and ``ROOT/val``, each a
+    folder of 32x32 images (any sub-folder layout) or an LMDB; flips on train."""
     return _image_split("imagenet32", split, root, image_size, channels, flip, strict, scan, require_split_dirs=True)
 
 
 @register("celebahq256")
 def _celebahq256(split: str, root=None, download=False, image_size: int = 256, channels: int = 3,
                  flip: bool = True, strict: bool = False, scan: str = "none") -> Dataset:
-    """CelebA-HQ 256x256: ``ROOT/train`` and ``ROOT/val`` as image folders or LMDBs; flips on
-    train. The 5-bit quantisation is the model's (``num_x_bits``), applied by :func:`prepare_batch`."""
+    """CelebA-HQ 256x256: the official layout (``ROOT/train.lmdb`` and
+    ``ROOT/validation.lmdb``, raw 256x256x3 pixels), or ``ROOT/train`` and ``ROOT/val`` as
+    image folders or LMDBs; flips on train. The 5-bit quantisation is the model's
+    (``num_x_bits``), applied by :func:`prepare_batch`."""
     return _image_split("celebahq256", split, root, image_size, channels, flip, strict, scan,
                         require_split_dirs=True)
 
@@ -123,7 +134,8 @@ def _celebahq256(split: str, root=None, download=False, image_size: int = 256, c
 @register("ffhq256")
 def _ffhq256(split: str, root=None, download=False, image_size: int = 256, channels: int = 3, flip: bool = True,
              strict: bool = False, scan: str = "none") -> Dataset:
-    """FFHQ 256x256: ``ROOT/train`` and ``ROOT/val`` as image folders or LMDBs; flips on train
+    """FFHQ 256x256: the official layout (``ROOT/train.lmdb`` and ``ROOT/validation.lmdb``,
+    raw 256x256x3 pixels), or ``ROOT/train`` and ``ROOT/val`` as image folders or LMDBs; flips on train
     (as for every colour set in the official recipe); 5 bits via the model's ``num_x_bits``."""
     return _image_split("ffhq256", split, root, image_size, channels, flip, strict, scan, require_split_dirs=True)
 

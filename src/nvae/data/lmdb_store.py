@@ -8,6 +8,7 @@ from typing import Dict, Iterable
 
 import torch
 
+from .official_layout import decode_raw, raw_side
 from .registry import DataError
 
 # py-lmdb allows one open environment per file and process, so readers share them.
@@ -27,7 +28,9 @@ if hasattr(os, "register_at_fork"):
 
 
 class _LMDBSource:
-    """Images stored as encoded bytes in an LMDB (layout: see :func:`write_lmdb`)."""
+    """Images in an LMDB, one per record under its decimal index: encoded files (layout: see
+    :func:`write_lmdb`) or raw square RGB pixels, told apart by the first record
+    (:mod:`.official_layout`); ``raw_side`` is the side of raw records, ``None`` when encoded."""
 
     kind = "LMDB"
 
@@ -39,8 +42,23 @@ class _LMDBSource:
             ends_present = n > 0 and txn.get(b"0") is not None and txn.get(str(n - 1).encode()) is not None
         if n and not ends_present:
             raise DataError(f"LMDB {path} has {n} records but not the keys b'0' .. b'{n - 1}'; nvae expects one "
-                            "encoded image per record under its decimal index (write it with nvae.data.write_lmdb)")
+                            "image per record under its decimal index (write it with nvae.data.write_lmdb or "
+                            "nvae data build)")
         self.keys = [str(i) for i in range(n)]
+        self.raw_side = raw_side(self.read("0")) if n else None
+
+    @property
+    def description(self) -> str:
+        """What the records hold, e.g. ``raw 32x32x3 uint8 pixels``."""
+        return f"raw {self.raw_side}x{self.raw_side}x3 uint8 pixels" if self.raw_side else "encoded images"
+
+    def open_image(self, key: str):
+        """The record ``key`` as a PIL image (raw records are checked for their size)."""
+        data = self.read(key)
+        if self.raw_side:
+            return decode_raw(data, self.raw_side, self.name(key))
+        from PIL import Image
+        return Image.open(io.BytesIO(data))
 
     def _env(self):
         key = str(self.path.resolve())

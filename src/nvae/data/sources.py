@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Sequence
 from torch.utils.data import Dataset
 
 from .lmdb_store import _is_lmdb, _LMDBSource, _require_lmdb
+from .official_layout import missing_layout_message
 from .registry import DataError
 from .transforms import _colour_channels, image_transform
 
@@ -35,8 +36,14 @@ class _FileSource:
     def name(self, key: str) -> str:
         return str(self.root / key)
 
+    description = "image files"
+
     def read(self, key: str) -> bytes:
         return (self.root / key).read_bytes()
+
+    def open_image(self, key: str):
+        from PIL import Image
+        return Image.open(io.BytesIO(self.read(key)))
 
 
 def _find_image_files(root: Path) -> List[str]:
@@ -63,8 +70,10 @@ def _source(path: Path):
     return src
 
 
-def _split_dir(root: Path, split: str) -> Optional[Path]:
-    for name in SPLIT_DIRS[split]:
+def _split_dir(root: Path, split: str, official: bool = False) -> Optional[Path]:
+    # The official loader evaluates on validation.lmdb: the named sets look for it before test.
+    names = (("validation",) if official and split == "test" else ()) + SPLIT_DIRS[split]
+    for name in names:
         for candidate in (root / name, root / f"{name}.lmdb"):
             if candidate.is_dir() or (candidate.is_file() and candidate.suffix == ".lmdb"):
                 return candidate
@@ -83,17 +92,20 @@ def _split_source(root: Path, split: str, require_split_dirs: Optional[str] = No
     """(source, keys) for ``split`` under ``root``.
 
     ``root/train`` with ``root/test`` (or ``val``, ``valid``, ``validation``; each an
-    image folder or an LMDB) gives the splits. Otherwise (unless
-    ``require_split_dirs`` names the data set that needs them) all of ``root`` is
-    one source: a hashed ~5% is the test split, the rest the training split.
+    image folder or an LMDB, a ``.lmdb`` suffix allowed) gives the splits. The named
+    sets (``require_split_dirs``, the official layout ``train.lmdb`` /
+    ``validation.lmdb``) evaluate on ``validation`` where it exists, as the official
+    loader does. Otherwise (unless ``require_split_dirs`` names the data set that needs
+    split folders) all of ``root`` is one source: a hashed ~5% is the test split, the
+    rest the training split.
     """
-    train_dir, test_dir = _split_dir(root, "train"), _split_dir(root, "test")
+    official = require_split_dirs is not None
+    train_dir, test_dir = _split_dir(root, "train"), _split_dir(root, "test", official)
     if train_dir is not None and test_dir is not None:
         src = _source(train_dir if split == "train" else test_dir)
         return src, src.keys
     if require_split_dirs:
-        raise DataError(f"data set {require_split_dirs!r} expects {root}/train and {root}/val (or test), each an "
-                        "image folder or an LMDB; for one folder of images use the 'folder' data set")
+        raise DataError(missing_layout_message(require_split_dirs, root))
     src = _source(root)
     if len(src.keys) < 2:
         raise DataError(f"{root} holds {len(src.keys)} image; a train/test split needs at least 2 "
@@ -158,10 +170,14 @@ class ImageDataset(Dataset):
                             f"{mode}) but {self.channels} are expected; convert it, or leave strict off to convert "
                             "on loading")
 
+    @property
+    def source_description(self) -> str:
+        """Where this split's images come from and how many there are (for reports such as the eval JSON)."""
+        return f"{self.source.kind} {self.source.where} ({self.source.description}), {len(self.keys)} images"
+
     def _check(self, key: str, full: bool) -> bool:
-        from PIL import Image
         try:
-            with Image.open(io.BytesIO(self.source.read(key))) as img:
+            with self.source.open_image(key) as img:
                 self._check_channels(key, img.mode)
                 img.load() if full else img.verify()
             return True
@@ -172,8 +188,7 @@ class ImageDataset(Dataset):
             return False
 
     def _load(self, key: str):
-        from PIL import Image
-        img = Image.open(io.BytesIO(self.source.read(key)))
+        img = self.source.open_image(key)
         img.load()
         return img
 
