@@ -511,6 +511,7 @@ def _add_report_parsers(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_cmd_report)
 
+
 # ------------------------------------------------------------------ data preparation
 def _cmd_data_build(args: argparse.Namespace) -> int:
     from .data import build_official_lmdbs
