@@ -315,6 +315,7 @@ class KLStats:
     units_per_group: int
     threshold: float
     num_images: int
+    kl_per_channel: Optional[list] = None   #: (groups, channels) average KL of each latent channel
 
     def to_dict(self) -> dict:
         return {**asdict(self), "units": {"kl_per_group": "nats/image"}}
@@ -334,13 +335,15 @@ def kl_statistics(model: NVAE, data: Dataset, batch_size: int = 64, max_images: 
     for (x,) in tqdm(loader, desc="kl-stats", disable=not progress, total=math.ceil(total / batch_size)):
         if seen >= total:
             break
-        x = prepare_batch(x[: total - seen], cfg, generator).to(next(model.parameters()).device)
+        # on the model's device before any draw: a generator there serves binarisation and posterior noise
+        x = prepare_batch(x[: total - seen].to(next(model.parameters()).device), cfg, generator)
         part = model(x, generator=generator).kl_per_channel.double().sum(0)
         kl_channels = part if kl_channels is None else kl_channels + part
         seen += x.shape[0]
     mean = kl_channels / seen                                   # (L, channels)
     return KLStats(kl_per_group=mean.sum(1).tolist(), active_units=(mean > threshold).sum(1).tolist(),
-                   units_per_group=mean.shape[1], threshold=threshold, num_images=seen)
+                   units_per_group=mean.shape[1], threshold=threshold, num_images=seen,
+                   kl_per_channel=mean.tolist())
 
 
 def plot_kl_stats(stats: KLStats, path) -> None:
