@@ -33,8 +33,10 @@ temporary folder beside the output, and the ``.npz`` is assembled from them and 
 atomically at the end (the folder is removed whatever happens). Under ``torchrun`` every
 process encodes its share of the batches (global batch ``b`` on rank ``b % W``) and rank 0
 gathers and writes them. Global batch ``b`` draws its randomness (MNIST's binarisation, the
-posterior noise of ``sample``) from a generator seeded by ``(seed, b)``, so the file does not
-depend on the number of processes.
+posterior noise of ``sample``, the KL estimate of ``active_only``) from a generator seeded by
+``(seed, b)`` (:func:`latents_seed`), so the file does not depend on the number of processes;
+with deterministic inputs (every data set but MNIST) the posterior means depend on nothing
+but the weights and the image.
 """
 from __future__ import annotations
 
@@ -107,9 +109,10 @@ class Latents:
         return Latents([z[:n] for z in self.z], self.channels, self.indices[:n], self.meta)
 
 
-def _seed(seed: int, index: int) -> int:
-    """A 63-bit seed for global batch ``index`` (a hash, so neighbouring seeds give unrelated streams)."""
-    digest = hashlib.blake2b(f"nvae-encode/{seed}/{index}".encode(), digest_size=8).digest()
+def latents_seed(seed: int, index: int, stream: str = "encode") -> int:
+    """The seed of global batch ``index``'s generator in ``stream`` (``encode``, or ``kl`` for the active-channel
+    pass): a 63-bit hash, so neighbouring seeds give unrelated streams."""
+    digest = hashlib.blake2b(f"nvae-latents/{stream}/{seed}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
@@ -133,20 +136,23 @@ def encode_batch(model: NVAE, x: torch.Tensor, temperature: float = 0.0,
 def active_channels(model: NVAE, data: Dataset, threshold: float = 0.1, batch_size: int = 64, seed: int = 0,
                     dist_ctx=None, progress: bool = False) -> List[torch.Tensor]:
     """Per group, the indices of the latent channels whose average KL over ``data`` exceeds ``threshold``
-    (nats per image, :func:`~nvae.evaluate.kl_statistics`'s active units).
+    (nats per image): :func:`~nvae.evaluate.kl_statistics`'s active units, channel by channel.
 
-    Under several processes each takes a contiguous share of the images and the per-channel sums are
-    all-reduced, so every process returns the same channels.
+    The KL of a group depends on the posterior samples of the groups above it, so it is an
+    estimate: global batch ``b`` of ``batch_size`` images is scored with a generator seeded by
+    :func:`latents_seed` ``(seed, b, "kl")``. Under several processes batch ``b`` is scored by rank
+    ``b % W`` and the sums are all-reduced: every process returns the channels one process finds.
     """
+    from tqdm import tqdm
     world, rank = _world(dist_ctx)
     total, device = len(data), next(model.parameters()).device
-    lo, hi = total * rank // world, total * (rank + 1) // world
     sums = torch.zeros(model.num_groups, model.config.num_latent_per_group, dtype=torch.float64)
-    if hi > lo:
-        gen = torch.Generator(device).manual_seed(_seed(seed, -1 - rank))
-        stats = kl_statistics(model, Subset(data, range(lo, hi)), batch_size=batch_size, threshold=threshold,
-                              generator=gen, progress=progress and rank == 0)
-        sums = torch.tensor(stats.kl_per_channel, dtype=torch.float64) * stats.num_images
+    mine = range(rank, math.ceil(total / batch_size), world)
+    for b in tqdm(mine, desc="KL per channel", unit="batch", disable=not (progress and rank == 0)):
+        part = Subset(data, range(b * batch_size, min((b + 1) * batch_size, total)))
+        gen = torch.Generator(device).manual_seed(latents_seed(seed, b, "kl"))
+        stats = kl_statistics(model, part, batch_size=batch_size, threshold=threshold, generator=gen, progress=False)
+        sums += torch.tensor(stats.kl_per_channel, dtype=torch.float64) * stats.num_images
     if world > 1:
         reduced = sums.to(dist_ctx.device)
         dist.all_reduce(reduced)
@@ -222,22 +228,23 @@ def encode_dataset(model: NVAE, data: Dataset, output: Union[str, Path], config:
                 "active_only": config.active_only, "kl_threshold": config.kl_threshold if config.active_only else None,
                 "seed": config.seed, "batch_size": config.batch_size, **(identity or {})}
         if rank != 0:
-            _encode_rounds(model, data, config, total, keep, None, dist_ctx, progress)
+            _encode_rounds(model, data, config, keep, None, dist_ctx, progress)
             return None
         with _NpzAssembler(output) as files:
             sinks = [files.allocate(f"z_{g}", (total, len(k), h, w), np.float32)
                      for g, (k, (_, h, w)) in enumerate(zip(keep, model.latent_shapes))]
-            _encode_rounds(model, data, config, total, keep, sinks, dist_ctx, progress)
+            _encode_rounds(model, data, config, keep, sinks, dist_ctx, progress)
             return files.write(indices=np.arange(total, dtype=np.int64), meta=np.array(json.dumps(meta)),
                                **{f"channels_{g}": k.numpy().astype(np.int64) for g, k in enumerate(keep)})
 
 
-def _encode_rounds(model: NVAE, data: Dataset, config: EncodeConfig, total: int, keep: List[torch.Tensor],
+def _encode_rounds(model: NVAE, data: Dataset, config: EncodeConfig, keep: List[torch.Tensor],
                    sinks: Optional[List[np.ndarray]], dist_ctx, progress: bool) -> None:
     """Encode this process's global batches, round by round; rank 0 writes every round's rows into ``sinks``."""
     from tqdm import tqdm
     world, rank = _world(dist_ctx)
     device, b = next(model.parameters()).device, config.batch_size
+    total = len(data) if config.max_images is None else min(config.max_images, len(data))
     n_batches = math.ceil(total / b)
     mine = [list(range(i * b, min((i + 1) * b, total))) for i in range(rank, n_batches, world)]
     batches = iter(DataLoader(data, batch_sampler=mine)) if mine else iter(())
@@ -246,7 +253,7 @@ def _encode_rounds(model: NVAE, data: Dataset, config: EncodeConfig, total: int,
     for first in range(0, n_batches, world):
         index, part = first + rank, None
         if index < n_batches:
-            g = torch.Generator(device).manual_seed(_seed(config.seed, index))
+            g = torch.Generator(device).manual_seed(latents_seed(config.seed, index))
             x = prepare_batch(next(batches)[0].to(device), model.config, g)
             z = encode_batch(model, x, temperature, g)
             part = (index * b, [zl[:, k.to(zl.device)].float().cpu().numpy() for zl, k in zip(z, keep)])
