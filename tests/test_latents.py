@@ -148,6 +148,15 @@ def test_other_weights_are_refused_unless_allowed(means, model):
         decode(smaller, means, allow_other_model=True)
 
 
+def test_non_finite_latents_are_an_error_and_nothing_is_written(data, tmp_path):
+    broken = _model()
+    with torch.no_grad():
+        broken.h0.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite latents"):
+        encode_dataset(broken, data, tmp_path / "lat.npz", EncodeConfig(max_images=2), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_file_that_is_not_a_latents_file_is_refused(tmp_path):
     np.savez(tmp_path / "x.npz", images=np.zeros(3))
     with pytest.raises(ValueError, match="not a readable nvae latents file"):

@@ -256,6 +256,9 @@ def _encode_rounds(model: NVAE, data: Dataset, config: EncodeConfig, keep: List[
             g = torch.Generator(device).manual_seed(latents_seed(config.seed, index))
             x = prepare_batch(next(batches)[0].to(device), model.config, g)
             z = encode_batch(model, x, temperature, g)
+            if not all(bool(torch.isfinite(zl).all()) for zl in z):
+                raise ValueError(f"the model gives non-finite latents for images {index * b}..; the checkpoint's "
+                                 "weights hold NaN or inf (check it); nothing was written")
             part = (index * b, [zl[:, k.to(zl.device)].float().cpu().numpy() for zl, k in zip(z, keep)])
         for got in _gather(part, dist_ctx) or ():
             if got is not None:
