@@ -163,6 +163,18 @@ def test_a_file_that_is_not_a_latents_file_is_refused(tmp_path):
         load_latents(tmp_path / "x.npz")
     with pytest.raises(ValueError, match="does not exist"):
         load_latents(tmp_path / "missing.npz")
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="not a readable nvae latents file"):
+        load_latents(tmp_path / "cut.npz")
+
+
+def test_a_damaged_latents_file_is_refused(means, tmp_path):
+    arrays = {f"z_{g}": z for g, z in enumerate(means.z)}
+    arrays.update({f"channels_{g}": k for g, k in enumerate(means.channels)})
+    arrays["z_1"] = arrays["z_1"][:, :3]   # fewer channels than its channel list says
+    np.savez(tmp_path / "bad.npz", indices=means.indices, meta=np.array(json.dumps(means.meta)), **arrays)
+    with pytest.raises(ValueError, match="group 1 holds"):
+        load_latents(tmp_path / "bad.npz")
 
 
 # ------------------------------------------------------------------------------- partial posteriors

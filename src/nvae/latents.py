@@ -272,6 +272,7 @@ def _encode_rounds(model: NVAE, data: Dataset, config: EncodeConfig, keep: List[
 # ----------------------------------------------------------------------------- reading and decoding
 def load_latents(path: Union[str, Path]) -> Latents:
     """Read a latents file written by :func:`encode_dataset`; a clear ``ValueError`` for anything else."""
+    import zipfile
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"latents file {path} does not exist; write one with `nvae encode`")
@@ -285,12 +286,18 @@ def load_latents(path: Union[str, Path]) -> Latents:
             n = len(meta["latent_shapes"])
             latents = Latents([f[f"z_{g}"] for g in range(n)], [f[f"channels_{g}"] for g in range(n)],
                               f["indices"], meta)
-    except (OSError, KeyError, ValueError, TypeError) as e:   # zip, npy and JSON errors are ValueErrors or OSErrors
+        _check_consistent(latents)
+    except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable nvae latents file ({e}); write one with `nvae encode`") from None
-    for g, (z, k, shape) in enumerate(zip(latents.z, latents.channels, meta["latent_shapes"])):
-        if z.shape != (latents.num_images, len(k), *shape[1:]) or (len(k) and not 0 <= k.min() <= k.max() < shape[0]):
-            raise ValueError(f"{path} is damaged: group {g} holds {z.shape} for channels {k.tolist()} of {shape}")
     return latents
+
+
+def _check_consistent(latents: Latents) -> None:
+    """A ``ValueError`` unless every group's array fits its channel list and the recorded shape."""
+    for g, (z, k, shape) in enumerate(zip(latents.z, latents.channels, latents.meta["latent_shapes"])):
+        fits = z.shape == (latents.num_images, len(k), *shape[1:]) and k.ndim == 1
+        if not fits or (len(k) and not 0 <= k.min() <= k.max() < shape[0]):
+            raise ValueError(f"group {g} holds {z.shape} for channels {k.tolist()} of {shape}: the file is damaged")
 
 
 def check_latents_fit(model: NVAE, latents: Latents, allow_other_model: bool = False) -> None:
