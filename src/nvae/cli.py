@@ -202,12 +202,15 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .data import prepare_batch
     from .runs import check_output, load_any
     from .sampling import reconstructions
+    if args.keep_groups is not None:
+        return _cmd_partial_posterior(args)
+    t = 0.0 if args.temperature is None else args.temperature
     model, ckpt = load_any(args.checkpoint, args.device)
-    out = check_output(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{args.temperature:g}.png"), ".png")
+    out = check_output(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{t:g}.png"), ".png")
     _, data = _eval_data(args, ckpt, model)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
-    pairs = reconstructions(model, prepare_batch(x, model.config, gen), args.temperature, gen)
+    pairs = reconstructions(model, prepare_batch(x, model.config, gen), t, gen)
     save_png(pairs, out, nrow=2 * max(1, int((len(x) // 2) ** 0.5)))
     print(f"wrote {out} (each input beside its reconstruction)")
     return 0
@@ -451,8 +454,12 @@ def _add_image_parsers(sub) -> None:
     p = sub.add_parser("reconstruct", help="inputs beside their reconstructions (PNG)")
     _add_eval_data_args(p)
     p.add_argument("-n", type=count, default=32, help="number of inputs")
-    p.add_argument("--temperature", "-t", type=temperature, default=0.0,
-                   help="posterior temperature: 0 = posterior means, 1 = posterior samples")
+    p.add_argument("--temperature", "-t", type=temperature, default=None,
+                   help="posterior temperature: 0 = posterior means (default), 1 = posterior samples; "
+                        "with --keep-groups: the prior temperature of the other groups (default 1)")
+    p.add_argument("--keep-groups", default=None, metavar="K,K,...",
+                   help="one grid: the inputs, then per K a row with the first K groups (coarsest first) at their "
+                        "posterior means and the rest from the prior at -t")
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_reconstruct)
 
@@ -542,6 +549,136 @@ def _add_data_parsers(sub) -> None:
                    help="records per LMDB transaction (a killed build resumes after the last one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_data_build)
+# ------------------------------------------------------------------ latents: encode, decode, partial posteriors
+def _parse_keep_groups(text: str) -> List[int]:
+    try:
+        keep = [non_negative(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        keep = []
+    if not keep:
+        raise ValueError(f"--keep-groups takes comma-separated group counts >= 0 (e.g. 0,1,2,4), got {text!r}")
+    return keep
+
+
+def _cmd_partial_posterior(args: argparse.Namespace) -> int:
+    """``nvae reconstruct --keep-groups``: one grid, the inputs row and one row per K."""
+    import torch
+
+    from .checkpoint import save_png
+    from .data import prepare_batch
+    from .latents import partial_posterior_grid
+    from .runs import check_output, load_any
+    keep = _parse_keep_groups(args.keep_groups)
+    t = 1.0 if args.temperature is None else args.temperature
+    model, ckpt = load_any(args.checkpoint, args.device)
+    out = check_output(args.output or ckpt.with_name(f"partial_posterior_{args.split}_t{t:g}.png"), ".png")
+    _, data = _eval_data(args, ckpt, model)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
+    grid = partial_posterior_grid(model, prepare_batch(x, model.config, gen), keep, t, gen)
+    save_png(grid.flatten(0, 1), out, nrow=grid.shape[1])
+    print(f"wrote {out}: rows are the inputs, then for K = {','.join(map(str, keep))} the first K of "
+          f"{model.num_groups} groups from q(z|x) (means) and the rest from the prior at t={t:g}")
+    return 0
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    """``nvae encode``: one process, or each process of a torchrun job with its share; rank 0 writes."""
+    from datetime import timedelta
+
+    from .data import build_dataset, check_images_fit
+    from .distributed import init_distributed, waiting_for_peers
+    from .latents import EncodeConfig, encode_dataset
+    from .runs import check_output, dataset_of, load_any
+    if args.temperature is not None and not args.sample:
+        raise ValueError("-t is the temperature of posterior samples; add --sample (without it the posterior "
+                         "means are stored)")
+    if args.kl_threshold is not None and not args.active_only:
+        raise ValueError("--kl-threshold chooses the channels --active-only keeps; add --active-only")
+    config = EncodeConfig(sample=args.sample, temperature=1.0 if args.temperature is None else args.temperature,
+                          active_only=args.active_only,
+                          kl_threshold=0.1 if args.kl_threshold is None else args.kl_threshold,
+                          batch_size=args.batch_size, max_images=args.max_images, seed=args.seed)
+    ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
+    try:
+        model, ckpt = load_any(args.checkpoint, str(ctx.device))
+        output = check_output(args.output or ckpt.with_name(f"latents_{args.split}.npz"), ".npz")
+        dataset = args.dataset or dataset_of(ckpt)
+        data = check_images_fit(build_dataset(dataset, args.split, args.data, flip=False), model.config, dataset)
+        identity = {"checkpoint": str(ckpt.resolve()), "dataset": dataset, "split": args.split}
+        with waiting_for_peers("the encoding", ctx):
+            path = encode_dataset(model, data, output, config, dist_ctx=ctx, progress=args.progress,
+                                  identity=identity)
+        if ctx.is_main:
+            from .latents import load_latents
+            latents = load_latents(path)
+            kept = "/".join(str(len(k)) for k in latents.channels)
+            print(f"wrote {path}: {latents.num_images} images of {dataset} ({args.split}), "
+                  f"{'posterior samples at t=%g' % config.temperature if config.sample else 'posterior means'}, "
+                  f"channels kept per group {kept}")
+    finally:
+        ctx.close()
+    return 0
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import save_png
+    from .latents import decode, decode_to_file, load_latents
+    from .runs import check_output, load_any
+    latents = load_latents(args.latents)
+    checkpoint = args.checkpoint or latents.meta.get("checkpoint")
+    if checkpoint is None:
+        raise ValueError(f"{args.latents} does not record the checkpoint that encoded it; pass --checkpoint RUN")
+    source = Path(args.latents)
+    png = check_output(args.output or source.with_name(f"{source.stem}_decoded.png"), ".png")
+    npz = check_output(png.with_suffix(".npz"), ".npz")
+    if npz.resolve() == source.resolve():
+        raise ValueError(f"the decoded images would replace the latents {source}; choose another --output")
+    model, _ = load_any(checkpoint, args.device)
+    if args.max_images is not None:
+        latents = latents.first(args.max_images)
+    decode_to_file(model, latents, npz, args.batch_size, args.allow_other_model, progress=args.progress)
+    shown = decode(model, latents.first(args.grid), args.batch_size, args.allow_other_model)
+    save_png(shown, png, nrow=max(1, int(len(shown) ** 0.5)))
+    print(f"wrote {npz} ({latents.num_images} images, the mean of p(x|z)) and {png} (the first {len(shown)})")
+    return 0
+
+
+def _add_latents_parsers(sub) -> None:
+    """Add ``encode`` and ``decode`` to ``sub`` (an argparse subparsers object)."""
+    p = sub.add_parser("encode", help="the posterior latents of a split, per group, to one .npz")
+    _add_eval_data_args(p)
+    p.add_argument("--output", "-o", default=None, help=".npz path (default: latents_SPLIT.npz beside the checkpoint)")
+    p.add_argument("--sample", action="store_true", help="store posterior samples instead of the posterior means")
+    p.add_argument("--temperature", "-t", type=temperature, default=None,
+                   help="with --sample: the posterior temperature (default 1)")
+    p.add_argument("--active-only", action="store_true",
+                   help="store only the channels whose average KL over the encoded images exceeds --kl-threshold")
+    p.add_argument("--kl-threshold", type=temperature, default=None, metavar="NATS",
+                   help="with --active-only: nats per channel (default 0.1, the active-unit threshold of kl-stats)")
+    p.add_argument("--max-images", type=count, default=None, help="encode only the first N images")
+    p.add_argument("--batch-size", "--batch", type=count, default=64)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--dist-timeout", type=positive, default=5.0, metavar="MINUTES",
+                   help="under torchrun: how long a process waits for the others")
+    p.set_defaults(func=_cmd_encode)
+
+    p = sub.add_parser("decode", help="images back from an `nvae encode` file (PNG grid and .npz)")
+    p.add_argument("latents", help="the .npz written by nvae encode")
+    p.add_argument("--checkpoint", default=None, help="run directory or checkpoint (default: the one recorded in "
+                                                      "the file); other weights than the encoder's are refused")
+    p.add_argument("--output", "-o", default=None,
+                   help="PNG path; the .npz of all images goes beside it (default: LATENTS_decoded.png)")
+    p.add_argument("--max-images", type=count, default=None, help="decode only the first N rows")
+    p.add_argument("--grid", type=count, default=64, help="images shown in the PNG (the .npz holds all)")
+    p.add_argument("--batch-size", type=count, default=64)
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="decode even when the checkpoint's weights are not the ones that encoded the file")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--device", type=device, default="cpu")
+    p.set_defaults(func=_cmd_decode)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -554,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fid_parsers(sub)
     _add_report_parsers(sub)
     _add_data_parsers(sub)
+    _add_latents_parsers(sub)
     return parser
 
 

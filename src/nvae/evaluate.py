@@ -315,6 +315,7 @@ class KLStats:
     units_per_group: int
     threshold: float
     num_images: int
+    kl_per_channel: Optional[list] = None   #: (groups, channels) average KL of each latent channel
 
     def to_dict(self) -> dict:
         return {**asdict(self), "units": {"kl_per_group": "nats/image"}}
@@ -341,7 +342,8 @@ def kl_statistics(model: NVAE, data: Dataset, batch_size: int = 64, max_images: 
         seen += x.shape[0]
     mean = kl_channels / seen                                   # (L, channels)
     return KLStats(kl_per_group=mean.sum(1).tolist(), active_units=(mean > threshold).sum(1).tolist(),
-                   units_per_group=mean.shape[1], threshold=threshold, num_images=seen)
+                   units_per_group=mean.shape[1], threshold=threshold, num_images=seen,
+                   kl_per_channel=mean.tolist())
 
 
 def plot_kl_stats(stats: KLStats, path) -> None:
