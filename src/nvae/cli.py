@@ -549,6 +549,8 @@ def _add_data_parsers(sub) -> None:
                    help="records per LMDB transaction (a killed build resumes after the last one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_data_build)
+
+
 # ------------------------------------------------------------------ latents: encode, decode, partial posteriors
 def _parse_keep_groups(text: str) -> List[int]:
     try:
