@@ -141,6 +141,8 @@ def test_sample_command_takes_a_ramp_and_refuses_a_wrong_list(tmp_path, capsys):
     assert main(["sample", str(tmp_path), "-n", "2", "-t", "linear:0.5:1", "--out", str(out)]) == 0
     arr = np.load(out / "samples_tlin0.5-1.npz")["images"]
     assert arr.shape == (2, 1, 8, 8) and (out / "samples_tlin0.5-1.png").is_file()
+    assert main(["sample", str(tmp_path), "-n", "1", "--per-group-temperature", "1,1,1,1,1,0", "--out", str(out)]) == 0
+    assert np.load(out / "samples_t1-1-1-1-1-0.npz")["images"].shape == (1, 1, 8, 8)
     assert main(["sample", str(tmp_path), "-n", "2", "-t", "1,0.5", "--out", str(tmp_path / "bad")]) == 2
     assert "has 2 values but the model has 6 latent groups" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
