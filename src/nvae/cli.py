@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import math
+import sys
 from typing import List, Optional
 
 
@@ -151,41 +151,73 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_temperatures(text: str):
-    try:
-        return [temperature(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"temperatures must be comma-separated finite numbers >= 0, got {text!r}") from None
-
-
-def _cmd_sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from .runs import load_any
-    from .sampling import readjust_bn_cached, save_samples, temperature_name
+def _sample_temperatures(args: argparse.Namespace) -> list:
+    """The schedules asked for by -t, --temperatures or --per-group-temperature (one of them; default 1.0)."""
+    from .temperature import TemperatureSchedule
     given = [f"--{n.replace('_', '-')}" for n in ("temperature", "temperatures", "per_group_temperature")
              if getattr(args, n) is not None]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(given)} contradict each other; give one of them")
-    if args.per_group_temperature:
-        temps = [_parse_temperatures(args.per_group_temperature)]
-    elif args.temperatures:
-        temps = _parse_temperatures(args.temperatures)
-    else:
-        temps = [1.0 if args.temperature is None else args.temperature]
-    model, ckpt = load_any(args.checkpoint, args.device)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)   # draws happen on the model's device
-    for t in temps:
-        if args.readjust_bn:
-            model.load_state_dict(load_any(ckpt, args.device)[0].state_dict())   # statistics of the checkpoint
-            cached = readjust_bn_cached(model, ckpt, t, args.readjust_steps, generator=gen, progress=True)
-            print(f"BN statistics for t={t}: {'from cache' if cached else 're-adjusted and cached'}")
-        png, npz = save_samples(model.sample(args.n, t, gen), Path(args.out or ckpt.parent),
-                                f"samples_{temperature_name(t)}")
-        print(f"wrote {png} and {npz}")
+    if args.per_group_temperature is not None:
+        spec = args.per_group_temperature   # a single number here is a list of one, for a one-group model
+        return [spec if spec.kind == "linear" else TemperatureSchedule("list", spec.values)]
+    return args.temperatures or [args.temperature or TemperatureSchedule.constant(1.0)]
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    """One grid + .npz for n <= --batch (rank 0); else numbered chunks over all processes, resumable."""
+    from datetime import timedelta
+
+    from .checkpoint import model_fingerprint
+    from .distributed import init_distributed, waiting_for_peers
+    from .model import per_group
+    from .runs import load_any
+    temps = _sample_temperatures(args)
+    ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
+    try:
+        model, ckpt = load_any(args.checkpoint, str(ctx.device))
+        for t in temps:   # a list of the wrong length fails here, before anything is drawn or written
+            per_group(t, model.num_groups)
+        weights = model_fingerprint(model)   # of the checkpoint, before any BN re-adjustment
+        for t in temps:
+            with waiting_for_peers("sampling", ctx):
+                _sample_one(args, ctx, model, ckpt, t, weights)
+    finally:
+        ctx.close()
     return 0
+
+
+def _sample_one(args, ctx, model, ckpt, t, weights: str) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from .bulk import BulkConfig, broadcast_decoder_bn, draw_chunk, sample_to_chunks
+    from .model import per_group
+    from .runs import load_any
+    from .sampling import readjust_bn_cached, save_samples, temperature_name
+    progress = ctx.is_main and not args.no_progress
+    readjust = None
+    if args.readjust_bn:
+        model.load_state_dict(load_any(ckpt, ctx.device)[0].state_dict())   # statistics of the checkpoint
+        gen = torch.Generator(device=ctx.device).manual_seed(args.seed)
+        cached = readjust_bn_cached(model, ckpt, t, args.readjust_steps, generator=gen, progress=progress)
+        broadcast_decoder_bn(model, ctx)
+        readjust = {"temperature": per_group(t, model.num_groups), "steps": args.readjust_steps}
+        if ctx.is_main:
+            print(f"BN statistics for t={t}: {'from cache' if cached else 're-adjusted and cached'}")
+    out, name = Path(args.out or ckpt.parent), f"samples_{temperature_name(t)}"
+    config = BulkConfig(args.n, args.batch, t, args.seed, args.dtype)
+    if args.n <= args.batch:   # one batch: the grid and one .npz (array images), as ever
+        if ctx.is_main:
+            png, npz = save_samples(draw_chunk(model, config, 0), out, name)
+            print(f"wrote {png} and {npz}")
+        return
+    result = sample_to_chunks(model, out / name, config, ctx, progress,
+                              identity={"weights_sha256": weights, "readjust_bn": readjust})
+    if ctx.is_main:
+        print(f"wrote {result.out_dir} ({result.num_chunks} chunks of up to {args.batch} samples; this process drew "
+              f"{result.drawn}, found {result.kept} already written) and the grid {result.grid}")
 
 
 def _eval_data(args, ckpt, model):
@@ -438,17 +470,29 @@ def _add_evaluation_parsers(sub) -> None:
 
 def _add_image_parsers(sub) -> None:
     """Add the commands that draw images to ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("sample", help="sample images from the prior (PNG grid and .npz)")
+    from .temperature import HELP, temperature_arg, temperatures_arg
+    p = sub.add_parser("sample", help="sample images from the prior (PNG grid and .npz, or .npz chunks for large -n)")
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
-    p.add_argument("-n", type=count, default=64, help="number of samples")
-    p.add_argument("--temperature", "-t", type=temperature, default=None, help="prior temperature (default 1.0)")
-    p.add_argument("--temperatures", default=None, help="comma-separated list, one grid each")
-    p.add_argument("--per-group-temperature", default=None, help="comma-separated, one per latent group")
+    p.add_argument("-n", type=count, default=64,
+                   help="number of samples; more than --batch: numbered .npz chunks in samples_T/, resumable")
+    p.add_argument("--batch", type=count, default=100, help="samples per chunk (the official evaluation: 100)")
+    p.add_argument("--temperature", "-t", type=temperature_arg, default=None, help=HELP + " (default 1.0)")
+    p.add_argument("--temperatures", type=temperatures_arg, default=None,
+                   help="several temperatures, one output each: 0.6,0.8,1 or specs separated by ';' "
+                        "(0.7;linear:0.6:1)")
+    p.add_argument("--per-group-temperature", type=temperature_arg, default=None,
+                   help="comma-separated, one per latent group, top group first (same as -t with a list)")
+    p.add_argument("--dtype", choices=["float32", "uint8"], default="float32",
+                   help="chunk arrays: float32 in [0, 1] (as the official evaluation) or uint8 (as the PNGs)")
     p.add_argument("--readjust-bn", action="store_true", help="re-estimate decoder BN statistics at t (cached)")
     p.add_argument("--readjust-steps", type=count, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative, default=0, help="chunk i draws from a generator seeded by (seed, i)")
     p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")
-    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--device", type=device, default="cpu",
+                   help="torch device; under torchrun cuda means cuda:LOCAL_RANK")
+    p.add_argument("--dist-timeout", type=positive, default=5.0, metavar="MINUTES",
+                   help="under torchrun: how long a process waits for the others")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("reconstruct", help="inputs beside their reconstructions (PNG)")
@@ -474,6 +518,13 @@ def _add_image_parsers(sub) -> None:
 
 
 # ------------------------------------------------------------------------------------ report
+def _parse_temperatures(text: str) -> list:
+    try:
+        return [temperature(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"temperatures must be comma-separated finite numbers >= 0, got {text!r}") from None
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import ReportOptions, write_report
     keep = None

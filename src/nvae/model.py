@@ -84,7 +84,10 @@ class OutputHead(nn.Module):
 
 
 def per_group(temperature: Temperature, num_groups: int) -> List[float]:
-    """One temperature per latent group (decoder order) from one value or a list."""
+    """One temperature per latent group (decoder order) from one value, a list, or a
+    :class:`~nvae.temperature.TemperatureSchedule` (anything with ``resolve(num_groups)``)."""
+    if hasattr(temperature, "resolve"):
+        return [float(t) for t in temperature.resolve(num_groups)]
     if isinstance(temperature, (int, float)):
         return [float(temperature)] * num_groups
     temps = [float(t) for t in temperature]

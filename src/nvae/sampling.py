@@ -126,7 +126,10 @@ def save_samples(images: torch.Tensor, out_dir: Union[str, Path], name: str) -> 
 
 
 def temperature_name(temperature: Temperature) -> str:
-    """``t0.8``, or ``t1-0.9-0.8`` for one temperature per group: how output files name a temperature."""
+    """``t0.8``, ``t1-0.9-0.8`` for one temperature per group, or a schedule's own name (``tlin0.6-0.9``):
+    how output files and the BN cache name a temperature (the whole schedule, not its first value)."""
+    if hasattr(temperature, "name"):
+        return temperature.name
     if isinstance(temperature, (int, float)):
         return f"t{temperature:g}"
     return "t" + "-".join(f"{v:g}" for v in temperature)
