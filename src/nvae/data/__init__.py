@@ -43,6 +43,7 @@ Modules: :mod:`.registry` (``build_dataset``, ``register``, ``prepare_batch``),
 from __future__ import annotations
 
 from . import datasets  # noqa: F401  (registers the data sets)
+from . import binary, lsun  # noqa: F401  (registers omniglot, stacked_mnist, lsun_*)
 from .lmdb_store import write_lmdb
 from .registry import SCANS, DataError, available, build_dataset, check_images_fit, prepare_batch, quantize, register
 from .sources import HELD_OUT, IMAGE_EXTENSIONS, SPLIT_DIRS, ImageDataset
