@@ -363,7 +363,10 @@ def test_lsun_in_dataloader_workers(fake_lsun):
     ds[0]     # the parent has the LMDB open before the worker forks
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1)
     (batch,) = next(iter(loader))
-    assert torch.equal(batch, torch.stack([_official_lsun(16, False)(img) for img in val]))
+    expected = torch.stack([_official_lsun(16, False)(img) for img in val])
+    assert torch.equal(batch, expected)
+    again = build_dataset("lsun_church64", "test", str(root), image_size=16)   # a second reader of the same LMDB
+    assert torch.equal(torch.stack([ds[2][0], again[2][0]]), expected[[2, 2]])   # ... and the parent's still reads
 
 
 # --------------------------------------------------------------------------------------------- presets

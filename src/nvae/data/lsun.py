@@ -44,14 +44,16 @@ LSUN_SPLITS = {"train": "train", "test": "val"}
 _ENVS: Dict[str, object] = {}
 
 
-def _forget_inherited_envs():
-    # An environment must not cross fork(): a forked DataLoader worker drops the parent's handles
-    # (without closing them, which would close the parent's) and opens its own on first use.
+def _close_inherited_envs():
+    # An environment must not cross fork(): a forked DataLoader worker closes its copies of the parent's
+    # (which leaves the parent's open, and lets py-lmdb open the file again here) and opens its own on first use.
+    for env in _ENVS.values():
+        env.close()
     _ENVS.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_inherited_envs)
+    os.register_at_fork(after_in_child=_close_inherited_envs)
 
 
 def _env(path: str):
