@@ -389,8 +389,21 @@ def test_presets_fit_their_data(name):
         assert shape == (cfg.in_channels, cfg.image_size, cfg.image_size)
     else:
         assert cfg.image_size == int(re.search(r"\d+$", name).group()) and cfg.in_channels == 3
-    binary = name == "omniglot"
-    assert (cfg.decoder == "bernoulli") == binary and (cfg.crop_output == 2) == binary
+    assert (cfg.decoder == "bernoulli") == (name == "omniglot")
+    assert cfg.crop_output == (2 if name in ("omniglot", "stacked_mnist") else 0)   # the official model's crop
+
+
+def test_official_dataset_names_map_to_ours():
+    from nvae.official import OFFICIAL_DATASETS, config_from_args
+    assert set(OFFICIAL_DATASETS.values()) <= set(available())
+    assert OFFICIAL_DATASETS["lsun_church_64"] == "lsun_church64"
+    assert OFFICIAL_DATASETS["lsun_bedroom_128"] == "lsun_bedroom128"
+    args = {k: getattr(NVAEConfig.preset("stacked_mnist"), k) for k in (
+        "num_channels_enc", "num_channels_dec", "num_latent_scales", "num_groups_per_scale", "ada_groups",
+        "num_preprocess_blocks", "num_preprocess_cells", "num_postprocess_blocks", "num_postprocess_cells",
+        "num_cell_per_cond_enc", "num_cell_per_cond_dec", "num_latent_per_group", "num_nf", "num_mixture_dec")}
+    official = config_from_args({**args, "dataset": "stacked_mnist", "use_se": True, "res_dist": True})
+    assert official == NVAEConfig.preset("stacked_mnist")
 
 
 def test_omniglot_takes_mnist_model_and_lsun64_the_celeba64_model():

@@ -303,7 +303,8 @@ PRESETS = {
 
 # Data sets of the official code for which neither the paper nor the official README gives a configuration:
 # our defaults (README "Presets"). Omniglot is binary 28x28 like MNIST: MNIST's model. Stacked MNIST is an
-# 8-bit colour 32x32 set of simple images: a 64-channel, two-scale mixture-decoder model. LSUN 64 takes the
+# 8-bit colour set of simple images: a 64-channel, two-scale mixture-decoder model whose likelihood, as the
+# official model's (crop_output for 'stacked_mnist'), covers the central 28x28 of the padded 32x32. LSUN 64 takes the
 # CelebA-64 model; LSUN 128 a 32-channel, four-scale model in the style of the 256x256 ones.
 _LSUN64 = dict(_RGB, image_size=64, num_channels_enc=64, num_channels_dec=64, num_latent_scales=3,
                num_groups_per_scale=20, ada_groups=True, num_nf=1)
@@ -312,7 +313,7 @@ _LSUN128 = dict(_RGB, image_size=128, num_channels_enc=32, num_channels_dec=32, 
 PRESETS.update({
     "omniglot": _preset(**_MNIST, num_channels_enc=32, num_channels_dec=32, num_groups_per_scale=10),
     "stacked_mnist": _preset(**_RGB, image_size=32, num_channels_enc=64, num_channels_dec=64, num_latent_scales=2,
-                             num_groups_per_scale=10, ada_groups=True, num_nf=1),
+                             num_groups_per_scale=10, ada_groups=True, num_nf=1, crop_output=2),
     **{f"lsun_{c}{size}": _preset(**arch) for c in ("church", "bedroom", "tower")
        for size, arch in ((64, _LSUN64), (128, _LSUN128))},
 })
