@@ -48,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_presets(args: argparse.Namespace) -> int:
     from . import NVAE, PRESETS
     for name, cfg in PRESETS.items():
-        line = f"{name:12s} {cfg.image_size:>3d}px  groups/scale {list(cfg.groups_per_scale)}  flows {cfg.num_nf}"
+        line = f"{name:16s} {cfg.image_size:>3d}px  groups/scale {list(cfg.groups_per_scale)}  flows {cfg.num_nf}"
         if args.count:
             line += f"  params {sum(p.numel() for p in NVAE(cfg).parameters()):,}"
         print(line)

@@ -301,6 +301,23 @@ PRESETS = {
                       num_latent_per_group=8, num_nf=0),
 }
 
+# Data sets of the official code for which neither the paper nor the official README gives a configuration:
+# our defaults (README "Presets"). Omniglot is binary 28x28 like MNIST: MNIST's model. Stacked MNIST is an
+# 8-bit colour set of simple images: a 64-channel, two-scale mixture-decoder model whose likelihood, as the
+# official model's (crop_output for 'stacked_mnist'), covers the central 28x28 of the padded 32x32. LSUN 64 takes the
+# CelebA-64 model; LSUN 128 a 32-channel, four-scale model in the style of the 256x256 ones.
+_LSUN64 = dict(_RGB, image_size=64, num_channels_enc=64, num_channels_dec=64, num_latent_scales=3,
+               num_groups_per_scale=20, ada_groups=True, num_nf=1)
+_LSUN128 = dict(_RGB, image_size=128, num_channels_enc=32, num_channels_dec=32, num_latent_scales=4,
+                num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4, num_nf=2)
+PRESETS.update({
+    "omniglot": _preset(**_MNIST, num_channels_enc=32, num_channels_dec=32, num_groups_per_scale=10),
+    "stacked_mnist": _preset(**_RGB, image_size=32, num_channels_enc=64, num_channels_dec=64, num_latent_scales=2,
+                             num_groups_per_scale=10, ada_groups=True, num_nf=1, crop_output=2),
+    **{f"lsun_{c}{size}": _preset(**arch) for c in ("church", "bedroom", "tower")
+       for size, arch in ((64, _LSUN64), (128, _LSUN128))},
+})
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -422,3 +439,17 @@ TRAIN_PRESETS = {
     "ffhq256": TrainConfig(dataset="ffhq256", epochs=200, batch_size=4, learning_rate=8e-3,
                            weight_decay_norm=1e-1, weight_decay_norm_init=1.0, weight_decay_norm_anneal=True),
 }
+
+# Our defaults for the data sets without an official recipe (see PRESETS above): Omniglot takes MNIST's recipe;
+# the LSUN recipes see about as many images as CelebA-64's (90 epochs of 163k): LSUN church_outdoor has 126k
+# training images, tower 708k, bedroom 3.03M.
+_LSUN_EPOCHS = {"church": (90, 5), "tower": (20, 1), "bedroom": (5, 1)}   # (epochs, warm-up epochs)
+TRAIN_PRESETS.update({
+    "omniglot": TrainConfig(dataset="omniglot", epochs=400, batch_size=200, weight_decay_norm=1e-2),
+    "stacked_mnist": TrainConfig(dataset="stacked_mnist", epochs=200, batch_size=32, weight_decay_norm=1e-2),
+    **{f"lsun_{c}64": TrainConfig(dataset=f"lsun_{c}64", epochs=e, warmup_epochs=w, batch_size=16,
+                                  weight_decay_norm=1e-1) for c, (e, w) in _LSUN_EPOCHS.items()},
+    **{f"lsun_{c}128": TrainConfig(dataset=f"lsun_{c}128", epochs=e, warmup_epochs=w, batch_size=8,
+                                   weight_decay_norm=1e-2, weight_decay_norm_init=1.0, weight_decay_norm_anneal=True)
+       for c, (e, w) in _LSUN_EPOCHS.items()},
+})

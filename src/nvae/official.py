@@ -107,3 +107,7 @@ def load_official(cls, path: Union[str, Path], map_location="cpu"):
 #: Official ``--dataset`` names and our data sets.
 OFFICIAL_DATASETS = {"mnist": "mnist", "cifar10": "cifar10", "celeba_64": "celeba64", "imagenet_32": "imagenet32",
                      "celeba_256": "celebahq256", "ffhq": "ffhq256"}
+# The official code's other data sets (datasets.py): Omniglot, Stacked MNIST and LSUN '<category>_<size>'.
+OFFICIAL_DATASETS.update({"omniglot": "omniglot", "stacked_mnist": "stacked_mnist"})
+OFFICIAL_DATASETS.update({f"lsun_{c}_{n}": f"lsun_{c}{n}" for c in ("church", "bedroom", "tower")
+                          for n in (64, 128, 256)})

@@ -45,6 +45,7 @@ downloaded data) and :mod:`.datasets` (the registered data sets). Import the pub
 from __future__ import annotations
 
 from . import datasets  # noqa: F401  (registers the data sets)
+from . import binary, lsun  # noqa: F401  (registers omniglot, stacked_mnist, lsun_*)
 from .build import BUILD_KINDS, build_official_lmdbs
 from .lmdb_store import write_lmdb
 from .registry import SCANS, DataError, available, build_dataset, check_images_fit, prepare_batch, quantize, register
