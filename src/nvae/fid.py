@@ -47,7 +47,8 @@ import torch.nn as nn
 
 __all__ = ["FIDError", "FID_WEIGHTS_FILE", "FID_WEIGHTS_URL", "FEATURE_DIMS", "InceptionFeatures",
            "load_inception_weights", "activation_statistics", "dataset_statistics", "sample_statistics",
-           "frechet_distance", "model_fid", "save_statistics", "load_statistics", "file_sha256"]
+           "frechet_distance", "model_fid", "save_statistics", "load_statistics", "file_sha256", "FeatureMoments",
+           "REDUCTIONS"]
 
 #: The file pytorch-fid's FID Inception weights come in, and where a copy can be fetched by hand.
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -206,20 +207,91 @@ class InceptionFeatures(nn.Module):
 
 
 # ----------------------------------------------------------------------------- statistics
+#: How statistics computed by several processes are combined: ``pooled`` gives the mean and covariance
+#: of all features together (the same numbers whatever the number of processes); ``average`` averages
+#: each process's own mean and covariance, as the official ``test_vae_fid`` does over GPUs.
+REDUCTIONS = ("pooled", "average")
+
+
+class FeatureMoments:
+    """Count, sum and sum of outer products (float64) of features seen so far.
+
+    Memory stays at D x D however many images are added (50,000 x 2048 features
+    would take 800 MB as an array), and moments of disjoint sets of images add
+    up: summed over processes they give the statistics of all images at once.
+    """
+
+    def __init__(self, dims: int):
+        self.count = 0
+        self.total = np.zeros(dims)
+        self.outer = np.zeros((dims, dims))
+
+    @property
+    def dims(self) -> int:
+        return self.total.shape[0]
+
+    def add(self, features) -> None:
+        """Add the features (N, D) of N more images."""
+        f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else features
+        f = np.asarray(f, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != self.dims:
+            raise FIDError(f"expected features of shape (N, {self.dims}), got {f.shape}")
+        self.count += f.shape[0]
+        self.total += f.sum(axis=0)
+        self.outer += f.T @ f
+
+    def statistics(self) -> Stats:
+        """``(mu, sigma)``: the mean and the unbiased covariance (``np.cov``'s) of everything added."""
+        n = self.count
+        if n < 2:
+            raise FIDError(f"FID statistics need at least 2 images, got {n}")
+        mu = self.total / n
+        sigma = (self.outer - n * np.outer(mu, mu)) / (n - 1)
+        return mu, (sigma + sigma.T) / 2
+
+    def reduce(self, dist_ctx=None, reduction: str = "pooled") -> Stats:
+        """``(mu, sigma)`` over every process of ``dist_ctx`` (a :class:`~nvae.distributed.DistributedContext`).
+
+        ``pooled``: counts, sums and outer products are summed over processes, so the result is
+        :meth:`statistics` of all their images together. ``average``: the mean of each process's
+        ``(mu, sigma)`` (every process needs 2 images or more), the official code's reduction,
+        which lacks the spread of the per-process means and so depends on the number of processes.
+        One process: :meth:`statistics` either way.
+        """
+        if reduction not in REDUCTIONS:
+            raise FIDError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if dist_ctx is None or not dist_ctx.enabled:
+            return self.statistics()
+        import torch.distributed as dist
+        d = self.dims
+        if reduction == "pooled":
+            parts = [np.array([float(self.count)]), self.total, self.outer.ravel()]
+        else:
+            parts = list(self.statistics())
+            parts[1] = parts[1].ravel()
+        packed = torch.from_numpy(np.concatenate(parts)).to(dist_ctx.device)
+        dist.all_reduce(packed)
+        packed = packed.cpu().numpy()
+        if reduction == "average":
+            packed = packed / dist_ctx.world_size
+            return packed[:d], packed[d:].reshape(d, d)
+        merged = FeatureMoments(d)
+        merged.count = int(round(packed[0]))
+        merged.total, merged.outer = packed[1:d + 1], packed[d + 1:].reshape(d, d)
+        return merged.statistics()
+
+
 def activation_statistics(batches: Iterable[torch.Tensor], inception: InceptionFeatures,
                           total: Optional[int] = None, desc: str = "FID features", progress: bool = True) -> Stats:
     """Mean and covariance (float64) of the features of every image in ``batches``."""
     from tqdm import tqdm
 
-    feats = []
+    moments = FeatureMoments(inception.dims)
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for x in batches:
-            feats.append(inception(x).cpu().double().numpy())
+            moments.add(inception(x))
             bar.update(len(x))
-    act = np.concatenate(feats) if feats else np.zeros((0, inception.dims))
-    if len(act) < 2:
-        raise FIDError(f"FID statistics need at least 2 images, got {len(act)}")
-    return act.mean(axis=0), np.cov(act, rowvar=False)
+    return moments.statistics()
 
 
 def dataset_statistics(data, inception: InceptionFeatures, batch_size: int = 50, max_images: Optional[int] = None,
