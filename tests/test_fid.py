@@ -304,8 +304,8 @@ def test_cli_fid_stats_then_fid_end_to_end(weights, nvae_main, tmp_path, no_netw
     stats = tmp_path / "digits.npz"
     assert nvae_main(["fid-stats", "--dataset", "digits", "--split", "test", "--max-images", "8",
                       "--dims", "64", "--batch-size", "6", "--inception-weights", str(weights),
-                      "--output", str(stats)]) == 0
-    assert "8 images of digits" in capsys.readouterr().out
+                      "--output", str(stats), "--no-progress"]) == 0
+    assert "8 images of digits (test)" in capsys.readouterr().out
     mu, sigma = load_statistics(stats)
     assert mu.shape == (64,) and sigma.shape == (64, 64)
 
@@ -313,17 +313,39 @@ def test_cli_fid_stats_then_fid_end_to_end(weights, nvae_main, tmp_path, no_netw
     ckpt.parent.mkdir()
     save_model(_tiny_model(), ckpt)
     argv = ["fid", str(ckpt.parent), "--stats", str(stats), "--inception-weights", str(weights),
-            "-n", "6", "--batch-size", "3", "--temperature", "0.8"]
-    assert nvae_main(argv) == 0
+            "-n", "6", "--batch-size", "3", "--temperature", "0.8", "--no-progress"]
+    assert nvae_main(argv) == 0          # our checkpoint: our protocol by default
     printed = json.loads(capsys.readouterr().out)
-    written = json.loads((ckpt.parent / "fid_t0.8_n6.json").read_text())
+    written = json.loads((ckpt.parent / "fid_ours_t0.8_n6.json").read_text())
     assert printed == written
     assert np.isfinite(written["fid"]) and written["fid"] > 0
     assert written["dims"] == 64 and written["num_samples"] == 6 and written["temperature"] == 0.8
+    assert written["protocol"] == "ours" and written["sampling_temperature"] == 0.8
+    assert written["images"] == "samples of p(x|z) (mixture)" and written["readjust_bn"] is False
+    assert written["bn_temperature"] is None and written["world_size"] == 1 and written["reduction"] == "pooled"
     assert len(written["inception_weights_sha256"]) == 64
+
+    official = argv[:-5] + ["-t", "0.6", "--protocol", "official", "--readjust-bn", "--readjust-steps", "2",
+                            "--no-progress"]
+    assert nvae_main(official) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["protocol"] == "official" and first["sampling_temperature"] == 1.0
+    assert first["images"] == "means of p(x|z) (mixture)" and first["bn_temperature"] == 0.6
+    assert first["readjust_bn"] is True and first["readjust_batch"] == 2 and first["readjust_steps"] == 2
+    assert first["bn_from_cache"] is False and (ckpt.parent / "checkpoint.b2.bn_t0.6_s2.pt").is_file()
+    assert nvae_main(official) == 0      # the re-adjusted statistics come from the cache: the same FID
+    again = json.loads((ckpt.parent / "fid_official_t0.6_bn_n6.json").read_text())
+    assert again["bn_from_cache"] is True and again["fid"] == first["fid"]
+    assert again["fid"] != written["fid"]
+
+    capsys.readouterr()
+    assert nvae_main(argv[:-5] + ["-t", "0.6", "--protocol", "official", "-n", "2", "--no-progress"]) == 0
+    assert "only sets the temperature of --readjust-bn, which is off" in capsys.readouterr().err
 
     bad = tmp_path / "bad.npz"
     np.savez(bad, mu=np.zeros(64))
-    capsys.readouterr()
     assert nvae_main(["fid", str(ckpt), "--stats", str(bad), "--inception-weights", str(weights)]) == 2
     assert "lacks ['sigma']" in capsys.readouterr().err
+    assert nvae_main(["fid-stats", "--dataset", "digits", "--split", "valid", "--inception-weights", str(weights),
+                      "--output", str(tmp_path / "v.npz")]) == 2
+    assert "--split must be train, test or train,test" in capsys.readouterr().err

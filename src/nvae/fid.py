@@ -20,8 +20,10 @@ What the network sees, for data and samples alike:
 * grey images repeated to three channels;
 * resized by pytorch-fid to 299x299 (bilinear) and scaled to [-1, 1].
 
-Samples are :meth:`nvae.NVAE.sample` at the given temperature: Bernoulli means for binary
-models, a sample of p(x|z) for colour models. Images keep the model's resolution, borders
+:func:`model_fid` feeds :meth:`nvae.NVAE.sample` at the given temperature (Bernoulli means for
+binary models, a sample of p(x|z) for colour models); :mod:`nvae.fid_protocol` draws the images
+of the official protocol (and of ours) sharded over processes, which ``nvae fid`` uses. Images
+keep the model's resolution, borders
 included: an MNIST model draws 32x32 images with the 2-pixel zero border its training
 data had, and ``nvae fid-stats --dataset mnist`` gives statistics of the same padded
 32x32 images. Statistics computed elsewhere from 28x28 MNIST are not comparable.
