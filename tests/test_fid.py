@@ -349,3 +349,29 @@ def test_cli_fid_stats_then_fid_end_to_end(weights, nvae_main, tmp_path, no_netw
     assert nvae_main(["fid-stats", "--dataset", "digits", "--split", "valid", "--inception-weights", str(weights),
                       "--output", str(tmp_path / "v.npz")]) == 2
     assert "--split must be train, test or train,test" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_one_process_fid(weights, nvae_main, tmp_path, capsys):
+    """`torchrun -m nvae fid` over two gloo processes: the same images, the same pooled statistics and FID."""
+    import os
+    import subprocess
+    import sys
+    stats = tmp_path / "s.npz"
+    assert nvae_main(["fid-stats", "--dataset", "digits", "--split", "test", "--max-images", "8", "--dims", "64",
+                      "--inception-weights", str(weights), "--output", str(stats), "--no-progress"]) == 0
+    (tmp_path / "run").mkdir()
+    save_model(_tiny_model(), tmp_path / "run" / "checkpoint.pt")
+    args = ["fid", str(tmp_path / "run"), "--stats", str(stats), "--inception-weights", str(weights), "-n", "7",
+            "--batch-size", "3", "--protocol", "official", "--readjust-bn", "--readjust-steps", "2", "--no-progress"]
+    assert nvae_main(args + ["--output", str(tmp_path / "one.json")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nvae",
+           *args, "--output", str(tmp_path / "two.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and two["bn_from_cache"] is True
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-6)
