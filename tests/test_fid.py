@@ -127,6 +127,11 @@ def test_features_equal_pytorch_fid_inception_with_the_same_weights(weights, no_
 def test_features_round_to_8_bits_and_reject_out_of_range_images(inception64):
     x = _images(2)
     torch.testing.assert_close(inception64(x + 0.4 / 255), inception64(x))   # same PNG pixels
+    inception64.quantize = False                                               # the official protocol's float means
+    try:
+        assert not torch.allclose(inception64(x + 0.4 / 255), inception64(x))
+    finally:
+        inception64.quantize = True
     with pytest.raises(FIDError, match=r"\[0, 1\]"):
         inception64(x * 2 - 1)
     with pytest.raises(FIDError, match="shape"):
@@ -332,6 +337,7 @@ def test_cli_fid_stats_then_fid_end_to_end(weights, nvae_main, tmp_path, no_netw
     assert first["protocol"] == "official" and first["sampling_temperature"] == 1.0
     assert first["images"] == "means of p(x|z) (mixture)" and first["bn_temperature"] == 0.6
     assert first["readjust_bn"] is True and first["readjust_batch"] == 2 and first["readjust_steps"] == 2
+    assert first["rounded_to_8_bits"] is False and written["rounded_to_8_bits"] is True
     assert first["bn_from_cache"] is False and (ckpt.parent / "checkpoint.b2.bn_t0.6_s2.pt").is_file()
     assert nvae_main(official) == 0      # the re-adjusted statistics come from the cache: the same FID
     again = json.loads((ckpt.parent / "fid_official_t0.6_bn_n6.json").read_text())

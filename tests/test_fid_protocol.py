@@ -29,14 +29,16 @@ class FakeFeatures:
     """``tanh`` of a fixed random projection of the flattened image; keeps every batch it is fed."""
 
     dims = 12
+    quantize = True          # as InceptionFeatures: the protocol sets it while it draws
 
     def __init__(self, pixels: int):
         g = torch.Generator().manual_seed(7)
         self.weight = torch.randn(pixels, self.dims, generator=g, dtype=torch.float64) * 3 / pixels ** 0.5
-        self.fed = []
+        self.fed, self.quantized = [], []
 
     def __call__(self, x):
         self.fed.append(x.detach().clone())
+        self.quantized.append(self.quantize)
         return torch.tanh(x.flatten(1).double() @ self.weight)
 
 
@@ -150,6 +152,8 @@ def test_official_protocol_readjusts_bn_at_t_then_feeds_means_drawn_at_t1():
     assert info["bn_temperature"] == 0.6 and info["readjust_batch"] == 2 and info["readjust_steps"] == 2
     assert info["images"].startswith("means") and info["num_samples"] == 3 and info["world_size"] == 1
     assert info["bn_from_cache"] is False
+    # the official code gives Inception its float means: no rounding to 8 bits (the setting is restored after)
+    assert features.quantized[:2] == [False, False] and features.quantize is True and not info["rounded_to_8_bits"]
 
 
 def test_our_protocol_feeds_samples_drawn_at_t():
@@ -164,6 +168,7 @@ def test_our_protocol_feeds_samples_drawn_at_t():
         torch.testing.assert_close(fed, model.sample(len(fed), 0.7, g), rtol=0, atol=0)
     assert info["images"].startswith("samples") and info["sampling_temperature"] == 0.7
     assert info["readjust_bn"] is False and info["bn_temperature"] is None and info["bn_from_cache"] is None
+    assert features.quantized == [True, True] and info["rounded_to_8_bits"]
     assert FIDProtocol("ours", readjust_bn=True).bn_batch == 36 and FIDProtocol("official").bn_batch == 2
 
 

@@ -16,7 +16,8 @@ checks every key and shape. Any other request to download fails with :class:`FID
 What the network sees, for data and samples alike:
 
 * images in [0, 1] (anything else is an error), rounded to 8 bits as if saved to PNG
-  (so the numbers match pytorch-fid run on PNG files of the same images);
+  (so the numbers match pytorch-fid run on PNG files of the same images), unless
+  ``quantize`` is off (the official protocol feeds its float means as they are);
 * grey images repeated to three channels;
 * resized by pytorch-fid to 299x299 (bilinear) and scaled to [-1, 1].
 
@@ -164,11 +165,12 @@ class InceptionFeatures(nn.Module):
     (``None`` or a missing file raises :class:`FIDError` saying where to get it); nothing is
     downloaded. ``dims`` picks the feature layer (2048: standard FID). Calling the module on
     images (B, 1 or 3, H, W) in [0, 1] returns float32 features (B, dims); see the module
-    docstring for what the network sees.
+    docstring for what the network sees. ``quantize`` (an attribute too) rounds images to
+    8 bits first.
     """
 
     def __init__(self, weights_path: Union[str, Path, None], device: Union[str, torch.device] = "cpu",
-                 dims: int = 2048):
+                 dims: int = 2048, quantize: bool = True):
         super().__init__()
         if dims not in FEATURE_DIMS:
             raise FIDError(f"dims must be one of {FEATURE_DIMS} (2048 is the standard FID), got {dims!r}")
@@ -182,6 +184,7 @@ class InceptionFeatures(nn.Module):
             raise _mismatch(e, Path(weights_path)) from None
         self.net = net
         self.dims = dims
+        self.quantize = quantize
         self.weights_path = Path(weights_path)
         self.to(device).eval()
 
@@ -198,7 +201,9 @@ class InceptionFeatures(nn.Module):
         if lo < -1e-4 or hi > 1 + 1e-4 or not np.isfinite(lo + hi):
             raise FIDError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
                            "rescale them (e.g. (x + 1) / 2 for images in [-1, 1])")
-        x = torch.round(x.clamp(0, 1) * 255) / 255          # 8 bits, as a PNG would hold them
+        x = x.clamp(0, 1)
+        if self.quantize:
+            x = torch.round(x * 255) / 255                   # 8 bits, as a PNG would hold them
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         self.net.eval()

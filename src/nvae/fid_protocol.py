@@ -9,8 +9,8 @@ The official evaluation (NVlabs/NVAE ``evaluate.py --eval_mode evaluate_fid``, `
   through the re-adjusted BN statistics);
 * it feeds Inception the *mean* of p(x|z): the mixture-weighted logistic means pushed through
   the RGB coupling (:meth:`nvae.distributions.DiscMixLogistic.mean`) for colour data, the
-  Bernoulli means for binary data. (The official ``NormalDecoder`` has no mean and would fail
-  there; ours uses the clamped Normal mean.)
+  Bernoulli means for binary data, as floats (not rounded to 8 bits). (The official
+  ``NormalDecoder`` has no mean and would fail there; ours uses the clamped Normal mean.)
 
 Over several GPUs it gives each GPU ``ceil(50000 / GPUs)`` images and averages the GPUs' means
 and covariances. Here every process draws the global batches ``rank, rank + world, ...`` of
@@ -28,6 +28,7 @@ re-adjusts with 36 samples per batch, as ``nvae sample --readjust-bn`` does (and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,6 +102,12 @@ class FIDProtocol:
         """The temperature the latents of the FID images are drawn at: 1.0 under ``official``."""
         return 1.0 if self.name == "official" else self.temperature
 
+    @property
+    def quantizes(self) -> bool:
+        """Whether images are rounded to 8 bits before Inception (as PNG files would be): not under ``official``,
+        whose float means go to Inception as they are."""
+        return self.name != "official"
+
     def feeds_means(self, model: NVAE) -> bool:
         """Whether Inception sees the means of p(x|z) (else samples of it)."""
         return self.name == "official" or model.config.decoder == "bernoulli"
@@ -117,6 +124,7 @@ class FIDProtocol:
         out["readjust_steps"] = self.readjust_steps if self.readjust_bn else None
         out["bn_temperature"] = self.temperature if self.readjust_bn else None
         out["sampling_temperature"] = self.sampling_temperature
+        out["rounded_to_8_bits"] = self.quantizes
         out["images"] = f"{'means' if self.feeds_means(model) else 'samples'} of p(x|z) ({model.config.decoder})"
         return out
 
@@ -201,21 +209,35 @@ def sample_moments(model: NVAE, protocol: FIDProtocol, features, dist_ctx=None,
 
     ``features`` maps images (B, C, H, W) in [0, 1] to (B, D) and has ``dims`` = D
     (:class:`nvae.fid.InceptionFeatures`). BN is used as it stands (see :func:`prepare_bn`).
+    A ``quantize`` attribute of ``features`` is set to the protocol's choice while it runs.
     """
     from tqdm import tqdm
     world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx is not None else (1, 0)
     mine = protocol.shard(rank, world)
     moments = FeatureMoments(features.dims)
     device = _device(model)
-    with training_mode(model, False), tqdm(total=sum(protocol.batch_len(b) for b in mine), unit="img",
-                                           desc=f"FID images ({protocol.name})", dynamic_ncols=True,
-                                           disable=not (progress and rank == 0)) as bar:
+    bar = tqdm(total=sum(protocol.batch_len(b) for b in mine), unit="img", desc=f"FID images ({protocol.name})",
+               dynamic_ncols=True, disable=not (progress and rank == 0))
+    with _quantizing(features, protocol.quantizes), training_mode(model, False), bar:
         for b in mine:
             g = torch.Generator(device).manual_seed(batch_seed(protocol.seed, b))
             x = protocol.draw(model, protocol.batch_len(b), g)
             moments.add(features(x))
             bar.update(len(x))
     return moments
+
+
+@contextlib.contextmanager
+def _quantizing(features, quantize: bool):
+    """``features.quantize`` (where it exists) set to ``quantize`` for the block, then as it was."""
+    before = getattr(features, "quantize", None)
+    if before is not None:
+        features.quantize = quantize
+    try:
+        yield
+    finally:
+        if before is not None:
+            features.quantize = before
 
 
 def _check_shards(protocol: FIDProtocol, world: int) -> None:
