@@ -164,6 +164,12 @@ def test_dataset_statistics_takes_build_dataset_items_and_max_images(inception64
     np.testing.assert_allclose(sigma, ref[1])
     with pytest.raises(FIDError, match="at least 2 images"):
         dataset_statistics(x, inception64, max_images=1, progress=False)
+    picked = torch.randperm(10, generator=torch.Generator().manual_seed(3))[:6].sort().values
+    mu, sigma = dataset_statistics(one_tuples, inception64, max_images=6, subset_seed=3, progress=False)
+    ref = dataset_statistics(x[picked], inception64, progress=False)
+    np.testing.assert_allclose(mu, ref[0])
+    np.testing.assert_allclose(sigma, ref[1])
+    assert sorted(picked.tolist()) != list(range(6))          # not the first six
 
 
 def test_statistics_round_trip_in_pytorch_fid_format(tmp_path):
@@ -299,6 +305,10 @@ def test_handlers_raise_value_errors_for_bad_input(tmp_path):
                               "--inception-weights", str(tmp_path / "none.pth")])
     assert args.func is cmd_fid_stats
     with pytest.raises(FIDError, match="no Inception weights at"):
+        cmd_fid_stats(args)
+    args = parser.parse_args(["fid-stats", "--dataset", "digits", "--output", str(tmp_path / "s.npz"),
+                              "--inception-weights", "w.pth", "--subset-seed", "1"])
+    with pytest.raises(FIDError, match="give --max-images too"):
         cmd_fid_stats(args)
     args = parser.parse_args(["fid", "RUN", "--stats", str(tmp_path / "none.npz"), "--inception-weights", "w.pth"])
     with pytest.raises(FIDError, match="no FID statistics"):

@@ -281,11 +281,15 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
         raise FIDError(f"--output must end in .npz (pytorch-fid recognises statistics by it), got {args.output}")
     if args.max_images is not None and args.max_images < 2:
         raise FIDError(f"--max-images must be at least 2, got {args.max_images}")
+    if args.subset_seed is not None and args.max_images is None:
+        raise FIDError("--subset-seed picks --max-images N images at random; give --max-images too (the official "
+                       "script uses 50000)")
     splits = stats_splits(args.dataset, args.split)
     inception = InceptionFeatures(args.inception_weights, args.device, args.dims)
     data = stats_dataset(args.dataset, splits, args.data, args.image_size)
     mu, sigma = dataset_statistics(data, inception, batch_size=args.batch_size, max_images=args.max_images,
-                                   num_workers=args.num_workers, progress=not args.no_progress)
+                                   num_workers=args.num_workers, progress=not args.no_progress,
+                                   subset_seed=args.subset_seed)
     n = len(data) if args.max_images is None else min(args.max_images, len(data))
     out = save_statistics(args.output, mu, sigma)
     print(f"wrote {out}: {args.dims} Inception features of {n} images of {args.dataset} ({'+'.join(splits)})")
@@ -358,6 +362,8 @@ def add_fid_parsers(sub) -> None:
     p.add_argument("--inception-weights", default=None, metavar="PATH", help=_FID_WEIGHTS_HELP)
     p.add_argument("--output", "-o", required=True, help="statistics file to write (.npz)")
     p.add_argument("--max-images", type=count, default=None, help="use only the first N images")
+    p.add_argument("--subset-seed", type=int, default=None, metavar="SEED",
+                   help="with --max-images N: N images drawn at random (seeded) instead of the first N")
     p.add_argument("--dims", type=int, default=2048, choices=FEATURE_DIMS,
                    help="Inception features (2048: standard FID)")
     p.add_argument("--batch-size", type=count, default=50)

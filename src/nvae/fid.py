@@ -302,12 +302,13 @@ def activation_statistics(batches: Iterable[torch.Tensor], inception: InceptionF
 
 
 def dataset_statistics(data, inception: InceptionFeatures, batch_size: int = 50, max_images: Optional[int] = None,
-                       num_workers: int = 0, progress: bool = True) -> Stats:
+                       num_workers: int = 0, progress: bool = True, subset_seed: Optional[int] = None) -> Stats:
     """``(mu, sigma)`` of the Inception features of a data set's images, in order.
 
     ``data`` is a tensor of images (N, C, H, W) in [0, 1] or a data set whose items are
     images or tuples starting with one (as :func:`nvae.data.build_dataset` gives);
-    ``max_images`` uses only the first N.
+    ``max_images`` uses only the first N, or with ``subset_seed`` N images drawn at random
+    without replacement (as the official script's 50,000 of a shuffled loader).
     """
     from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -317,7 +318,11 @@ def dataset_statistics(data, inception: InceptionFeatures, batch_size: int = 50,
         raise FIDError(f"batch_size must be at least 1, got {batch_size}")
     n = len(data) if max_images is None else min(max_images, len(data))
     if n < len(data):
-        data = Subset(data, range(n))
+        if subset_seed is None:
+            data = Subset(data, range(n))
+        else:
+            chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(subset_seed))[:n]
+            data = Subset(data, chosen.sort().values.tolist())
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     batches = (b[0] if isinstance(b, (list, tuple)) else b for b in loader)
     return activation_statistics(batches, inception, total=n, desc="data features", progress=progress)
