@@ -127,6 +127,11 @@ def test_features_equal_pytorch_fid_inception_with_the_same_weights(weights, no_
 def test_features_round_to_8_bits_and_reject_out_of_range_images(inception64):
     x = _images(2)
     torch.testing.assert_close(inception64(x + 0.4 / 255), inception64(x))   # same PNG pixels
+    inception64.quantize = False                                               # the official protocol's float means
+    try:
+        assert not torch.allclose(inception64(x + 0.4 / 255), inception64(x))
+    finally:
+        inception64.quantize = True
     with pytest.raises(FIDError, match=r"\[0, 1\]"):
         inception64(x * 2 - 1)
     with pytest.raises(FIDError, match="shape"):
@@ -159,6 +164,12 @@ def test_dataset_statistics_takes_build_dataset_items_and_max_images(inception64
     np.testing.assert_allclose(sigma, ref[1])
     with pytest.raises(FIDError, match="at least 2 images"):
         dataset_statistics(x, inception64, max_images=1, progress=False)
+    picked = torch.randperm(10, generator=torch.Generator().manual_seed(3))[:6].sort().values
+    mu, sigma = dataset_statistics(one_tuples, inception64, max_images=6, subset_seed=3, progress=False)
+    ref = dataset_statistics(x[picked], inception64, progress=False)
+    np.testing.assert_allclose(mu, ref[0])
+    np.testing.assert_allclose(sigma, ref[1])
+    assert sorted(picked.tolist()) != list(range(6))          # not the first six
 
 
 def test_statistics_round_trip_in_pytorch_fid_format(tmp_path):
@@ -295,6 +306,10 @@ def test_handlers_raise_value_errors_for_bad_input(tmp_path):
     assert args.func is cmd_fid_stats
     with pytest.raises(FIDError, match="no Inception weights at"):
         cmd_fid_stats(args)
+    args = parser.parse_args(["fid-stats", "--dataset", "digits", "--output", str(tmp_path / "s.npz"),
+                              "--inception-weights", "w.pth", "--subset-seed", "1"])
+    with pytest.raises(FIDError, match="give --max-images too"):
+        cmd_fid_stats(args)
     args = parser.parse_args(["fid", "RUN", "--stats", str(tmp_path / "none.npz"), "--inception-weights", "w.pth"])
     with pytest.raises(FIDError, match="no FID statistics"):
         cmd_fid(args)
@@ -304,8 +319,8 @@ def test_cli_fid_stats_then_fid_end_to_end(weights, nvae_main, tmp_path, no_netw
     stats = tmp_path / "digits.npz"
     assert nvae_main(["fid-stats", "--dataset", "digits", "--split", "test", "--max-images", "8",
                       "--dims", "64", "--batch-size", "6", "--inception-weights", str(weights),
-                      "--output", str(stats)]) == 0
-    assert "8 images of digits" in capsys.readouterr().out
+                      "--output", str(stats), "--no-progress"]) == 0
+    assert "8 images of digits (test)" in capsys.readouterr().out
     mu, sigma = load_statistics(stats)
     assert mu.shape == (64,) and sigma.shape == (64, 64)
 
@@ -313,17 +328,66 @@ def test_cli_fid_stats_then_fid_end_to_end(weights, nvae_main, tmp_path, no_netw
     ckpt.parent.mkdir()
     save_model(_tiny_model(), ckpt)
     argv = ["fid", str(ckpt.parent), "--stats", str(stats), "--inception-weights", str(weights),
-            "-n", "6", "--batch-size", "3", "--temperature", "0.8"]
-    assert nvae_main(argv) == 0
+            "-n", "6", "--batch-size", "3", "--temperature", "0.8", "--no-progress"]
+    assert nvae_main(argv) == 0          # our checkpoint: our protocol by default
     printed = json.loads(capsys.readouterr().out)
-    written = json.loads((ckpt.parent / "fid_t0.8_n6.json").read_text())
+    written = json.loads((ckpt.parent / "fid_ours_t0.8_n6.json").read_text())
     assert printed == written
     assert np.isfinite(written["fid"]) and written["fid"] > 0
     assert written["dims"] == 64 and written["num_samples"] == 6 and written["temperature"] == 0.8
+    assert written["protocol"] == "ours" and written["sampling_temperature"] == 0.8
+    assert written["images"] == "samples of p(x|z) (mixture)" and written["readjust_bn"] is False
+    assert written["bn_temperature"] is None and written["world_size"] == 1 and written["reduction"] == "pooled"
     assert len(written["inception_weights_sha256"]) == 64
+
+    official = argv[:-5] + ["-t", "0.6", "--protocol", "official", "--readjust-bn", "--readjust-steps", "2",
+                            "--no-progress"]
+    assert nvae_main(official) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["protocol"] == "official" and first["sampling_temperature"] == 1.0
+    assert first["images"] == "means of p(x|z) (mixture)" and first["bn_temperature"] == 0.6
+    assert first["readjust_bn"] is True and first["readjust_batch"] == 2 and first["readjust_steps"] == 2
+    assert first["rounded_to_8_bits"] is False and written["rounded_to_8_bits"] is True
+    assert first["bn_from_cache"] is False and (ckpt.parent / "checkpoint.b2.bn_t0.6_s2.pt").is_file()
+    assert nvae_main(official) == 0      # the re-adjusted statistics come from the cache: the same FID
+    again = json.loads((ckpt.parent / "fid_official_t0.6_bn_n6.json").read_text())
+    assert again["bn_from_cache"] is True and again["fid"] == first["fid"]
+    assert again["fid"] != written["fid"]
+
+    capsys.readouterr()
+    assert nvae_main(argv[:-5] + ["-t", "0.6", "--protocol", "official", "-n", "2", "--no-progress"]) == 0
+    assert "only sets the temperature of --readjust-bn, which is off" in capsys.readouterr().err
 
     bad = tmp_path / "bad.npz"
     np.savez(bad, mu=np.zeros(64))
-    capsys.readouterr()
     assert nvae_main(["fid", str(ckpt), "--stats", str(bad), "--inception-weights", str(weights)]) == 2
     assert "lacks ['sigma']" in capsys.readouterr().err
+    assert nvae_main(["fid-stats", "--dataset", "digits", "--split", "valid", "--inception-weights", str(weights),
+                      "--output", str(tmp_path / "v.npz")]) == 2
+    assert "--split must be train, test or train,test" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_one_process_fid(weights, nvae_main, tmp_path, capsys):
+    """`torchrun -m nvae fid` over two gloo processes: the same images, the same pooled statistics and FID."""
+    import os
+    import subprocess
+    import sys
+    stats = tmp_path / "s.npz"
+    assert nvae_main(["fid-stats", "--dataset", "digits", "--split", "test", "--max-images", "8", "--dims", "64",
+                      "--inception-weights", str(weights), "--output", str(stats), "--no-progress"]) == 0
+    (tmp_path / "run").mkdir()
+    save_model(_tiny_model(), tmp_path / "run" / "checkpoint.pt")
+    args = ["fid", str(tmp_path / "run"), "--stats", str(stats), "--inception-weights", str(weights), "-n", "7",
+            "--batch-size", "3", "--protocol", "official", "--readjust-bn", "--readjust-steps", "2", "--no-progress"]
+    assert nvae_main(args + ["--output", str(tmp_path / "one.json")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nvae",
+           *args, "--output", str(tmp_path / "two.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and two["bn_from_cache"] is True
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-6)

@@ -16,12 +16,15 @@ checks every key and shape. Any other request to download fails with :class:`FID
 What the network sees, for data and samples alike:
 
 * images in [0, 1] (anything else is an error), rounded to 8 bits as if saved to PNG
-  (so the numbers match pytorch-fid run on PNG files of the same images);
+  (so the numbers match pytorch-fid run on PNG files of the same images), unless
+  ``quantize`` is off (the official protocol feeds its float means as they are);
 * grey images repeated to three channels;
 * resized by pytorch-fid to 299x299 (bilinear) and scaled to [-1, 1].
 
-Samples are :meth:`nvae.NVAE.sample` at the given temperature: Bernoulli means for binary
-models, a sample of p(x|z) for colour models. Images keep the model's resolution, borders
+:func:`model_fid` feeds :meth:`nvae.NVAE.sample` at the given temperature (Bernoulli means for
+binary models, a sample of p(x|z) for colour models); :mod:`nvae.fid_protocol` draws the images
+of the official protocol (and of ours) sharded over processes, which ``nvae fid`` uses. Images
+keep the model's resolution, borders
 included: an MNIST model draws 32x32 images with the 2-pixel zero border its training
 data had, and ``nvae fid-stats --dataset mnist`` gives statistics of the same padded
 32x32 images. Statistics computed elsewhere from 28x28 MNIST are not comparable.
@@ -47,7 +50,8 @@ import torch.nn as nn
 
 __all__ = ["FIDError", "FID_WEIGHTS_FILE", "FID_WEIGHTS_URL", "FEATURE_DIMS", "InceptionFeatures",
            "load_inception_weights", "activation_statistics", "dataset_statistics", "sample_statistics",
-           "frechet_distance", "model_fid", "save_statistics", "load_statistics", "file_sha256"]
+           "frechet_distance", "model_fid", "save_statistics", "load_statistics", "file_sha256", "FeatureMoments",
+           "REDUCTIONS"]
 
 #: The file pytorch-fid's FID Inception weights come in, and where a copy can be fetched by hand.
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -161,11 +165,12 @@ class InceptionFeatures(nn.Module):
     (``None`` or a missing file raises :class:`FIDError` saying where to get it); nothing is
     downloaded. ``dims`` picks the feature layer (2048: standard FID). Calling the module on
     images (B, 1 or 3, H, W) in [0, 1] returns float32 features (B, dims); see the module
-    docstring for what the network sees.
+    docstring for what the network sees. ``quantize`` (an attribute too) rounds images to
+    8 bits first.
     """
 
     def __init__(self, weights_path: Union[str, Path, None], device: Union[str, torch.device] = "cpu",
-                 dims: int = 2048):
+                 dims: int = 2048, quantize: bool = True):
         super().__init__()
         if dims not in FEATURE_DIMS:
             raise FIDError(f"dims must be one of {FEATURE_DIMS} (2048 is the standard FID), got {dims!r}")
@@ -179,6 +184,7 @@ class InceptionFeatures(nn.Module):
             raise _mismatch(e, Path(weights_path)) from None
         self.net = net
         self.dims = dims
+        self.quantize = quantize
         self.weights_path = Path(weights_path)
         self.to(device).eval()
 
@@ -195,7 +201,9 @@ class InceptionFeatures(nn.Module):
         if lo < -1e-4 or hi > 1 + 1e-4 or not np.isfinite(lo + hi):
             raise FIDError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
                            "rescale them (e.g. (x + 1) / 2 for images in [-1, 1])")
-        x = torch.round(x.clamp(0, 1) * 255) / 255          # 8 bits, as a PNG would hold them
+        x = x.clamp(0, 1)
+        if self.quantize:
+            x = torch.round(x * 255) / 255                   # 8 bits, as a PNG would hold them
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         self.net.eval()
@@ -206,29 +214,101 @@ class InceptionFeatures(nn.Module):
 
 
 # ----------------------------------------------------------------------------- statistics
+#: How statistics computed by several processes are combined: ``pooled`` gives the mean and covariance
+#: of all features together (the same numbers whatever the number of processes); ``average`` averages
+#: each process's own mean and covariance, as the official ``test_vae_fid`` does over GPUs.
+REDUCTIONS = ("pooled", "average")
+
+
+class FeatureMoments:
+    """Count, sum and sum of outer products (float64) of features seen so far.
+
+    Memory stays at D x D however many images are added (50,000 x 2048 features
+    would take 800 MB as an array), and moments of disjoint sets of images add
+    up: summed over processes they give the statistics of all images at once.
+    """
+
+    def __init__(self, dims: int):
+        self.count = 0
+        self.total = np.zeros(dims)
+        self.outer = np.zeros((dims, dims))
+
+    @property
+    def dims(self) -> int:
+        return self.total.shape[0]
+
+    def add(self, features) -> None:
+        """Add the features (N, D) of N more images."""
+        f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else features
+        f = np.asarray(f, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != self.dims:
+            raise FIDError(f"expected features of shape (N, {self.dims}), got {f.shape}")
+        self.count += f.shape[0]
+        self.total += f.sum(axis=0)
+        self.outer += f.T @ f
+
+    def statistics(self) -> Stats:
+        """``(mu, sigma)``: the mean and the unbiased covariance (``np.cov``'s) of everything added."""
+        n = self.count
+        if n < 2:
+            raise FIDError(f"FID statistics need at least 2 images, got {n}")
+        mu = self.total / n
+        sigma = (self.outer - n * np.outer(mu, mu)) / (n - 1)
+        return mu, (sigma + sigma.T) / 2
+
+    def reduce(self, dist_ctx=None, reduction: str = "pooled") -> Stats:
+        """``(mu, sigma)`` over every process of ``dist_ctx`` (a :class:`~nvae.distributed.DistributedContext`).
+
+        ``pooled``: counts, sums and outer products are summed over processes, so the result is
+        :meth:`statistics` of all their images together. ``average``: the mean of each process's
+        ``(mu, sigma)`` (every process needs 2 images or more), the official code's reduction,
+        which lacks the spread of the per-process means and so depends on the number of processes.
+        One process: :meth:`statistics` either way.
+        """
+        if reduction not in REDUCTIONS:
+            raise FIDError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if dist_ctx is None or not dist_ctx.enabled:
+            return self.statistics()
+        import torch.distributed as dist
+        d = self.dims
+        if reduction == "pooled":
+            parts = [np.array([float(self.count)]), self.total, self.outer.ravel()]
+        else:
+            parts = list(self.statistics())
+            parts[1] = parts[1].ravel()
+        packed = torch.from_numpy(np.concatenate(parts)).to(dist_ctx.device)
+        dist.all_reduce(packed)
+        packed = packed.cpu().numpy()
+        if reduction == "average":
+            packed = packed / dist_ctx.world_size
+            return packed[:d], packed[d:].reshape(d, d)
+        merged = FeatureMoments(d)
+        merged.count = int(round(packed[0]))
+        merged.total, merged.outer = packed[1:d + 1], packed[d + 1:].reshape(d, d)
+        return merged.statistics()
+
+
 def activation_statistics(batches: Iterable[torch.Tensor], inception: InceptionFeatures,
                           total: Optional[int] = None, desc: str = "FID features", progress: bool = True) -> Stats:
     """Mean and covariance (float64) of the features of every image in ``batches``."""
     from tqdm import tqdm
 
-    feats = []
+    moments = FeatureMoments(inception.dims)
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for x in batches:
-            feats.append(inception(x).cpu().double().numpy())
+            moments.add(inception(x))
             bar.update(len(x))
-    act = np.concatenate(feats) if feats else np.zeros((0, inception.dims))
-    if len(act) < 2:
-        raise FIDError(f"FID statistics need at least 2 images, got {len(act)}")
-    return act.mean(axis=0), np.cov(act, rowvar=False)
+    return moments.statistics()
 
 
 def dataset_statistics(data, inception: InceptionFeatures, batch_size: int = 50, max_images: Optional[int] = None,
-                       num_workers: int = 0, progress: bool = True) -> Stats:
+                       num_workers: int = 0, progress: bool = True, subset_seed: Optional[int] = None) -> Stats:
     """``(mu, sigma)`` of the Inception features of a data set's images, in order.
 
     ``data`` is a tensor of images (N, C, H, W) in [0, 1] or a data set whose items are
     images or tuples starting with one (as :func:`nvae.data.build_dataset` gives);
-    ``max_images`` uses only the first N.
+    ``max_images`` uses only the first N, or with ``subset_seed`` N images drawn at random
+    without replacement (as the official script's 50,000 of a shuffled loader).
     """
     from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -238,7 +318,11 @@ def dataset_statistics(data, inception: InceptionFeatures, batch_size: int = 50,
         raise FIDError(f"batch_size must be at least 1, got {batch_size}")
     n = len(data) if max_images is None else min(max_images, len(data))
     if n < len(data):
-        data = Subset(data, range(n))
+        if subset_seed is None:
+            data = Subset(data, range(n))
+        else:
+            chosen = torch.randperm(len(data), generator=torch.Generator().manual_seed(subset_seed))[:n]
+            data = Subset(data, chosen.sort().values.tolist())
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     batches = (b[0] if isinstance(b, (list, tuple)) else b for b in loader)
     return activation_statistics(batches, inception, total=n, desc="data features", progress=progress)
