@@ -355,6 +355,15 @@ def test_cli_fid_stats_then_fid_end_to_end(weights, nvae_main, tmp_path, no_netw
     assert again["fid"] != written["fid"]
 
     capsys.readouterr()
+    groups = _tiny_model().num_groups
+    ramp = argv[:-5] + ["-t", "linear:0.6:0.9", "--protocol", "ours", "--no-progress"]
+    assert nvae_main(ramp) == 0          # a schedule acts per group and is recorded as its list
+    scheduled = json.loads(capsys.readouterr().out)
+    expected = [0.6 + 0.3 * g / (groups - 1) for g in range(groups)]
+    assert scheduled["sampling_temperature"] == pytest.approx(expected)
+    assert scheduled["fid"] != written["fid"]
+
+    capsys.readouterr()
     assert nvae_main(argv[:-5] + ["-t", "0.6", "--protocol", "official", "-n", "2", "--no-progress"]) == 0
     assert "only sets the temperature of --readjust-bn, which is off" in capsys.readouterr().err
 
