@@ -45,6 +45,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"nvae: error: {message} (see {self.prog} --help)\n")
 
 
+# ------------------------------------------------------------------ which weights (EMA or raw)
+def _add_weights_arg(p: argparse.ArgumentParser) -> None:
+    """``--raw-weights``, for every command that reads a model back."""
+    p.add_argument("--raw-weights", dest="weights", action="store_const", const="raw", default="auto",
+                   help="use the weights as trained, even when the run kept an EMA of them (default: the EMA "
+                        "when there is one)")
+
+
+def _load(args: argparse.Namespace, device=None):
+    """``(model, checkpoint path, "ema" or "raw")`` of ``args.checkpoint``, as ``--raw-weights`` asks."""
+    from .runs import load_weights
+    return load_weights(args.checkpoint, device or args.device, getattr(args, "weights", "auto"))
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from . import NVAE, PRESETS
     for name, cfg in PRESETS.items():
@@ -125,11 +139,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .distributed import init_distributed, waiting_for_peers
     from .evaluate import EvalConfig, PartialFile, evaluate, partial_path_for
-    from .runs import check_output, load_any, write_json
+    from .runs import check_output, write_json
     # torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
-        model, ckpt = load_any(args.checkpoint, str(ctx.device))
+        model, ckpt, weights = _load(args, str(ctx.device))
         dataset, data = _eval_data(args, ckpt, model)
         output = check_output(args.output or ckpt.with_name(f"eval_{args.split}_K{args.num_samples}.json"), ".json")
         partial = partial_path_for(output) if args.save_every else None
@@ -141,8 +155,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         with waiting_for_peers("the evaluation", ctx):
             result = evaluate(model, data, config, dist_ctx=ctx, partial=resumable, progress=ctx.is_main)
         if ctx.is_main:
-            out = {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, "seed": args.seed,
-                   **result.to_dict()}
+            out = {"checkpoint": str(ckpt), "weights": weights, "dataset": dataset, "split": args.split,
+                   "seed": args.seed, **result.to_dict()}
             write_json(output, out)
             print(json.dumps(out, indent=2))
     finally:
@@ -162,7 +176,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .runs import load_any
+    from .runs import load_weights
     from .sampling import readjust_bn_cached, save_samples, temperature_name
     given = [f"--{n.replace('_', '-')}" for n in ("temperature", "temperatures", "per_group_temperature")
              if getattr(args, n) is not None]
@@ -174,12 +188,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         temps = _parse_temperatures(args.temperatures)
     else:
         temps = [1.0 if args.temperature is None else args.temperature]
-    model, ckpt = load_any(args.checkpoint, args.device)
+    model, ckpt, weights = _load(args)
+    print(f"{weights} weights of {ckpt}")
     gen = torch.Generator(device=args.device).manual_seed(args.seed)   # draws happen on the model's device
     for t in temps:
         if args.readjust_bn:
-            model.load_state_dict(load_any(ckpt, args.device)[0].state_dict())   # statistics of the checkpoint
-            cached = readjust_bn_cached(model, ckpt, t, args.readjust_steps, generator=gen, progress=True)
+            # statistics of the checkpoint (the same weights: the cache is keyed by their fingerprint)
+            model.load_state_dict(load_weights(ckpt, args.device, weights).model.state_dict())
+            # EMA and raw statistics cached side by side: checkpoint.bn_* and checkpoint_ema.bn_*
+            cache = ckpt if weights == "raw" else ckpt.with_name(f"{ckpt.stem}_ema{ckpt.suffix}")
+            cached = readjust_bn_cached(model, cache, t, args.readjust_steps, generator=gen, progress=True)
             print(f"BN statistics for t={t}: {'from cache' if cached else 're-adjusted and cached'}")
         png, npz = save_samples(model.sample(args.n, t, gen), Path(args.out or ckpt.parent),
                                 f"samples_{temperature_name(t)}")
@@ -199,9 +217,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from .checkpoint import save_png
     from .data import prepare_batch
-    from .runs import check_output, load_any
+    from .runs import check_output
     from .sampling import reconstructions
-    model, ckpt = load_any(args.checkpoint, args.device)
+    model, ckpt, weights = _load(args)
+    print(f"{weights} weights of {ckpt}")
     out = check_output(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{args.temperature:g}.png"), ".png")
     _, data = _eval_data(args, ckpt, model)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -218,15 +237,17 @@ def _cmd_kl_stats(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import kl_statistics, plot_kl_stats
-    from .runs import check_output, load_any, write_json
-    model, ckpt = load_any(args.checkpoint, args.device)
+    from .runs import check_output, write_json
+    model, ckpt, weights = _load(args)
+    print(f"{weights} weights of {ckpt}")
     stem = Path(args.output or ckpt.with_name(f"kl_stats_{args.split}"))
     check_output(stem.with_suffix(".json"), ".json"), check_output(stem.with_suffix(".png"), ".png")
     dataset, data = _eval_data(args, ckpt, model)
     stats = kl_statistics(model, data, batch_size=args.batch_size, max_images=args.max_images,
                           generator=torch.Generator().manual_seed(args.seed))
     write_json(stem.with_suffix(".json"),
-               {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, **stats.to_dict()})
+               {"checkpoint": str(ckpt), "weights": weights, "dataset": dataset, "split": args.split,
+                **stats.to_dict()})
     plot_kl_stats(stats, stem.with_suffix(".png"))
     for i, (kl, active) in enumerate(zip(stats.kl_per_group, stats.active_units)):
         print(f"group {i:3d}  KL {kl:9.3f} nats  active {active}/{stats.units_per_group}")
@@ -239,9 +260,10 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
     from .checkpoint import save_png
     from .data import prepare_batch
-    from .runs import check_output, load_any
+    from .runs import check_output
     from .sampling import interpolation
-    model, ckpt = load_any(args.checkpoint, args.device)
+    model, ckpt, weights = _load(args)
+    print(f"{weights} weights of {ckpt}")
     out = check_output(args.output or ckpt.with_name(f"interpolation_{args.a}_{args.b}.png"), ".png")
     _, data = _eval_data(args, ckpt, model)
     for i in (args.a, args.b):
@@ -299,7 +321,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
     from .fid import (FEATURE_DIMS, NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, file_sha256, load_statistics,
                       model_fid)
-    from .runs import check_output, load_any, write_json
+    from .runs import check_output, write_json
 
     if args.inception_weights is None:
         raise FIDError(NO_WEIGHTS_MESSAGE)
@@ -311,13 +333,13 @@ def cmd_fid(args: argparse.Namespace) -> int:
     if mu.shape[0] not in FEATURE_DIMS:
         raise FIDError(f"{args.stats} holds {mu.shape[0]} features; Inception gives one of {FEATURE_DIMS}")
     inception = InceptionFeatures(args.inception_weights, args.device, dims=mu.shape[0])
-    model, ckpt = load_any(args.checkpoint, args.device)
+    model, ckpt, weights = _load(args)
     output = check_output(args.output or ckpt.with_name(f"fid_t{args.temperature:g}_n{args.num_samples}.json"), ".json")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     fid = model_fid(model, (mu, sigma), inception, num_samples=args.num_samples, temperature=args.temperature,
                     batch_size=args.batch_size, generator=generator)
     out = {"checkpoint": str(ckpt), "fid": fid, "num_samples": args.num_samples, "temperature": args.temperature,
-           "seed": args.seed, "stats": str(args.stats), "dims": int(mu.shape[0]),
+           "weights": weights, "seed": args.seed, "stats": str(args.stats), "dims": int(mu.shape[0]),
            "inception_weights": str(args.inception_weights),
            "inception_weights_sha256": file_sha256(args.inception_weights)}
     write_json(output, out)
@@ -354,6 +376,7 @@ def add_fid_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")
+    _add_weights_arg(p)
     p.set_defaults(func=cmd_fid)
 
 
@@ -422,6 +445,7 @@ def _add_evaluation_parsers(sub) -> None:
                    help="torch device; under torchrun cuda means cuda:LOCAL_RANK")
     p.add_argument("--dist-timeout", type=positive, default=5.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("kl-stats", help="average KL and active units per latent group (JSON and bar plot)")
@@ -429,6 +453,7 @@ def _add_evaluation_parsers(sub) -> None:
     p.add_argument("--batch-size", type=count, default=64)
     p.add_argument("--max-images", type=count, default=None)
     p.add_argument("--output", default=None, help="path stem for .json and .png (default: beside the checkpoint)")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_kl_stats)
 
 
@@ -445,6 +470,7 @@ def _add_image_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")
     p.add_argument("--device", type=device, default="cpu")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("reconstruct", help="inputs beside their reconstructions (PNG)")
@@ -453,6 +479,7 @@ def _add_image_parsers(sub) -> None:
     p.add_argument("--temperature", "-t", type=temperature, default=0.0,
                    help="posterior temperature: 0 = posterior means, 1 = posterior samples")
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("interpolate", help="decode the line between two inputs' latents (PNG row)")
@@ -462,6 +489,7 @@ def _add_image_parsers(sub) -> None:
     p.add_argument("--steps", type=count, default=8)
     p.add_argument("--groups", default=None, help="comma-separated latent groups to interpolate (default: all)")
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_interpolate)
 
 def build_parser() -> argparse.ArgumentParser:
