@@ -27,6 +27,16 @@ from nvae.train import train, train_step
 RATE = 0.9
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(_seed):
+    """One thread (after conftest's two): these models are tiny, and two OpenMP threads on a busy two-core
+    machine stall each step for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny():
     return NVAEConfig.preset("digits", num_channels_enc=8, num_channels_dec=8)
 
@@ -145,18 +155,18 @@ def test_the_skip_guard_judges_the_norm_before_clipping():
 
 # ------------------------------------------------------------------ checkpoints, resume, roll-back
 def _cfg(steps, **kw):
-    return TrainConfig(dataset="digits", epochs=2, batch_size=32, warmup_epochs=1, max_steps=steps, log_every=1,
+    return TrainConfig(dataset="digits", epochs=2, batch_size=16, warmup_epochs=1, max_steps=steps, log_every=1,
                        image_every=1000, checkpoint_every=1000, deterministic=True, ema_rate=RATE, grad_clip=5.0,
                        **kw)
 
 
 def test_stopped_and_resumed_with_ema_is_bit_identical_to_uninterrupted(tmp_path):
-    train(_tiny(), _cfg(6), tmp_path / "ref", progress=False)
-    train(_tiny(), _cfg(3), tmp_path / "run", progress=False)
-    train(_tiny(), _cfg(6), tmp_path / "run", progress=False, resume=True)
+    train(_tiny(), _cfg(4), tmp_path / "ref", progress=False)
+    train(_tiny(), _cfg(2), tmp_path / "run", progress=False)
+    train(_tiny(), _cfg(4), tmp_path / "run", progress=False, resume=True)
     a, b = (read_checkpoint(tmp_path / r / "checkpoint.pt") for r in ("ref", "run"))
-    assert a["step"] == b["step"] == 6
-    assert a["ema"]["updates"] == b["ema"]["updates"] == 6 and a["ema"]["rate"] == RATE
+    assert a["step"] == b["step"] == 4
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 4 and a["ema"]["rate"] == RATE
     assert a["run"]["clipped_steps"] == b["run"]["clipped_steps"] > 0
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
@@ -202,7 +212,12 @@ def test_roll_back_restores_the_checkpoints_ema_and_an_older_checkpoint_still_lo
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("ema") / "run"
-    train(_tiny(), _cfg(3), run, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # a module fixture runs before _one_thread
+    try:
+        train(_tiny(), _cfg(3), run, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return run
 
 
@@ -268,7 +283,7 @@ def _ddp_worker(rank: int) -> dict:
     torch.manual_seed(rank)   # different starting points: DDP's broadcast must make them one model
     state = TrainState.create(_tiny(), TrainConfig(ema_rate=RATE, grad_clip=1.0), init_distributed("cpu"))
     state.net.train()
-    for step in range(3):
+    for step in range(2):
         train_step(state, _batch(10 * step + rank, n=4), _coeffs(state.model))
     return {"ema": _copy(state.ema.weights), "clipped": state.clipped_steps}
 
