@@ -13,7 +13,7 @@ import torch
 
 import nvae.train as train_mod
 from gloo import spawn
-from nvae import NVAE, NVAEConfig
+from nvae import NVAEConfig
 from nvae.checkpoint import model_fingerprint, read_checkpoint
 from nvae.cli import main
 from nvae.config import TrainConfig
