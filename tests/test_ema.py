@@ -268,10 +268,14 @@ def test_train_option_sets_the_ema_rate_and_clipping(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--run-dir", str(run), "--max-steps", "2", "--batch-size", "32", "--model",
                  "num_channels_enc=8", "--model", "num_channels_dec=8", "--train", "ema_rate=0.99",
-                 "--train", "grad_clip=100", "--train", "image_every=1000"]) == 0
+                 "--train", "grad_clip=0.001", "--train", "image_every=1000", "--train", "log_every=1"]) == 0
     state = read_checkpoint(run / "checkpoint.pt")
-    assert state["train_config"]["ema_rate"] == 0.99 and state["train_config"]["grad_clip"] == 100
-    assert state["ema"]["rate"] == 0.99 and state["ema"]["updates"] == 2
+    assert state["train_config"]["ema_rate"] == 0.99 and state["train_config"]["grad_clip"] == 0.001
+    assert state["ema"]["rate"] == 0.99 and state["ema"]["updates"] == 2 and state["run"]["clipped_steps"] == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run)).Reload()
+    assert [e.value for e in events.Scalars("train/clipped_steps")] == [1, 2]
+    assert all(e.value > 0.001 for e in events.Scalars("train/grad_norm"))   # the norm before clipping
     capsys.readouterr()
     assert main(["train", "--run-dir", str(tmp_path / "bad"), "--train", "ema_rate=1"]) == 2
     assert "ema_rate" in capsys.readouterr().err
