@@ -45,6 +45,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"nvae: error: {message} (see {self.prog} --help)\n")
 
 
+# ------------------------------------------------------------------ which weights (EMA or raw)
+def _add_weights_arg(p: argparse.ArgumentParser) -> None:
+    """``--raw-weights``, for every command that reads a model back."""
+    p.add_argument("--raw-weights", dest="weights", action="store_const", const="raw", default="auto",
+                   help="use the weights as trained, even when the run kept an EMA of them (default: the EMA "
+                        "when there is one)")
+
+
+def _load(args: argparse.Namespace, device=None):
+    """``(model, checkpoint path, "ema" or "raw")`` of ``args.checkpoint``, as ``--raw-weights`` asks."""
+    from .runs import load_weights
+    return load_weights(args.checkpoint, device or args.device, getattr(args, "weights", "auto"))
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from . import NVAE, PRESETS
     for name, cfg in PRESETS.items():
@@ -125,11 +139,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .distributed import init_distributed, waiting_for_peers
     from .evaluate import EvalConfig, PartialFile, evaluate, partial_path_for
-    from .runs import check_output, load_any, write_json
+    from .runs import check_output, write_json
     # torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
-        model, ckpt = load_any(args.checkpoint, str(ctx.device))
+        model, ckpt, weights = _load(args, str(ctx.device))
         dataset, data = _eval_data(args, ckpt, model)
         output = check_output(args.output or ckpt.with_name(f"eval_{args.split}_K{args.num_samples}.json"), ".json")
         partial = partial_path_for(output) if args.save_every else None
@@ -141,7 +155,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         with waiting_for_peers("the evaluation", ctx):
             result = evaluate(model, data, config, dist_ctx=ctx, partial=resumable, progress=ctx.is_main)
         if ctx.is_main:
-            out = {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, "seed": args.seed,
+            out = {"checkpoint": str(ckpt), "weights": weights, "dataset": dataset, "split": args.split,
+                   "seed": args.seed,
                    # which file and how many images of it: e.g. the official validation.lmdb, not test.lmdb
                    "data_source": getattr(data, "source_description", None), **result.to_dict()}
             write_json(output, out)
@@ -171,37 +186,44 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .checkpoint import model_fingerprint
     from .distributed import init_distributed, waiting_for_peers
     from .model import per_group
-    from .runs import load_any
     temps = _sample_temperatures(args)
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
-        model, ckpt = load_any(args.checkpoint, str(ctx.device))
+        model, ckpt, kind = _load(args, str(ctx.device))
+        if ctx.is_main:
+            print(f"{kind} weights of {ckpt}")
         for t in temps:   # a list of the wrong length fails here, before anything is drawn or written
             per_group(t, model.num_groups)
         weights = model_fingerprint(model)   # of the checkpoint, before any BN re-adjustment
         for t in temps:
             with waiting_for_peers("sampling", ctx):
-                _sample_one(args, ctx, model, ckpt, t, weights)
+                _sample_one(args, ctx, model, (ckpt, kind), t, weights)
     finally:
         ctx.close()
     return 0
 
 
-def _sample_one(args, ctx, model, ckpt, t, weights: str) -> None:
+def _sample_one(args, ctx, model, source, t, weights: str) -> None:
+    """Samples at ``t`` of ``model``, read from ``source`` = (checkpoint, "ema" or "raw"), whose weights'
+    fingerprint is ``weights``."""
     from pathlib import Path
 
     import torch
 
     from .bulk import BulkConfig, broadcast_decoder_bn, draw_chunk, sample_to_chunks
     from .model import per_group
-    from .runs import load_any
+    from .runs import load_weights
     from .sampling import readjust_bn_cached, save_samples, temperature_name
+    ckpt, kind = source
     progress = ctx.is_main and not args.no_progress
     readjust = None
     if args.readjust_bn:
-        model.load_state_dict(load_any(ckpt, ctx.device)[0].state_dict())   # statistics of the checkpoint
+        # statistics of the checkpoint (the same weights: the cache is keyed by their fingerprint)
+        model.load_state_dict(load_weights(ckpt, ctx.device, kind).model.state_dict())
         gen = torch.Generator(device=ctx.device).manual_seed(args.seed)
-        cached = readjust_bn_cached(model, ckpt, t, args.readjust_steps, generator=gen, progress=progress)
+        # EMA and raw statistics cached side by side: checkpoint.bn_* and checkpoint_ema.bn_*
+        cache = ckpt if kind == "raw" else ckpt.with_name(f"{ckpt.stem}_ema{ckpt.suffix}")
+        cached = readjust_bn_cached(model, cache, t, args.readjust_steps, generator=gen, progress=progress)
         broadcast_decoder_bn(model, ctx)
         readjust = {"temperature": per_group(t, model.num_groups), "steps": args.readjust_steps}
         if ctx.is_main:
@@ -232,12 +254,13 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from .checkpoint import save_png
     from .data import prepare_batch
-    from .runs import check_output, load_any
+    from .runs import check_output
     from .sampling import reconstructions
     if args.keep_groups is not None:
         return _cmd_partial_posterior(args)
     t = 0.0 if args.temperature is None else args.temperature
-    model, ckpt = load_any(args.checkpoint, args.device)
+    model, ckpt, weights = _load(args)
+    print(f"{weights} weights of {ckpt}")
     out = check_output(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{t:g}.png"), ".png")
     _, data = _eval_data(args, ckpt, model)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -254,15 +277,17 @@ def _cmd_kl_stats(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import kl_statistics, plot_kl_stats
-    from .runs import check_output, load_any, write_json
-    model, ckpt = load_any(args.checkpoint, args.device)
+    from .runs import check_output, write_json
+    model, ckpt, weights = _load(args)
+    print(f"{weights} weights of {ckpt}")
     stem = Path(args.output or ckpt.with_name(f"kl_stats_{args.split}"))
     check_output(stem.with_suffix(".json"), ".json"), check_output(stem.with_suffix(".png"), ".png")
     dataset, data = _eval_data(args, ckpt, model)
     stats = kl_statistics(model, data, batch_size=args.batch_size, max_images=args.max_images,
                           generator=torch.Generator(device=args.device).manual_seed(args.seed))
     write_json(stem.with_suffix(".json"),
-               {"checkpoint": str(ckpt), "dataset": dataset, "split": args.split, **stats.to_dict()})
+               {"checkpoint": str(ckpt), "weights": weights, "dataset": dataset, "split": args.split,
+                **stats.to_dict()})
     plot_kl_stats(stats, stem.with_suffix(".png"))
     for i, (kl, active) in enumerate(zip(stats.kl_per_group, stats.active_units)):
         print(f"group {i:3d}  KL {kl:9.3f} nats  active {active}/{stats.units_per_group}")
@@ -275,9 +300,10 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
     from .checkpoint import save_png
     from .data import prepare_batch
-    from .runs import check_output, load_any
+    from .runs import check_output
     from .sampling import interpolation
-    model, ckpt = load_any(args.checkpoint, args.device)
+    model, ckpt, weights = _load(args)
+    print(f"{weights} weights of {ckpt}")
     out = check_output(args.output or ckpt.with_name(f"interpolation_{args.a}_{args.b}.png"), ".png")
     _, data = _eval_data(args, ckpt, model)
     for i in (args.a, args.b):
@@ -356,7 +382,7 @@ def cmd_fid(args: argparse.Namespace) -> int:
     from .distributed import init_distributed, waiting_for_peers
     from .fid import FEATURE_DIMS, NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, file_sha256, load_statistics
     from .fid_protocol import default_output_name, protocol_fid
-    from .runs import check_output, load_any, write_json
+    from .runs import check_output, write_json
 
     if args.inception_weights is None:
         raise FIDError(NO_WEIGHTS_MESSAGE)
@@ -366,17 +392,20 @@ def cmd_fid(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
         inception = InceptionFeatures(args.inception_weights, ctx.device, dims=mu.shape[0])
-        model, ckpt = load_any(args.checkpoint, str(ctx.device))
+        model, ckpt, weights = _load(args, str(ctx.device))
         protocol = _fid_protocol(args, model.num_groups)
         output = check_output(args.output or ckpt.with_name(default_output_name(protocol)), ".json")
         if ctx.is_main and protocol.name == "official" and not protocol.readjust_bn and protocol.temperature != 1:
             print(f"nvae: note: under --protocol official the images are drawn at t=1; -t {protocol.temperature} "
                   "only sets the temperature of --readjust-bn, which is off", file=sys.stderr)
         with waiting_for_peers("the FID sampling", ctx):
-            result = protocol_fid(model, protocol, inception, (mu, sigma), checkpoint=ckpt, dist_ctx=ctx,
+            # EMA and raw weights keep their BN caches apart (see nvae sample)
+            cache = ckpt if weights == "raw" else ckpt.with_name(f"{ckpt.stem}_ema{ckpt.suffix}")
+            result = protocol_fid(model, protocol, inception, (mu, sigma), checkpoint=cache, dist_ctx=ctx,
                                   progress=not args.no_progress)
         if ctx.is_main:
-            out = {"checkpoint": str(ckpt), **result, "stats": str(args.stats), "dims": int(mu.shape[0]),
+            out = {"checkpoint": str(ckpt), "weights": weights, **result, "stats": str(args.stats),
+                   "dims": int(mu.shape[0]),
                    "inception_weights": str(args.inception_weights),
                    "inception_weights_sha256": file_sha256(args.inception_weights)}
             write_json(output, out)
@@ -439,6 +468,7 @@ def add_fid_parsers(sub) -> None:
                    help="under torchrun: how long a process waits for the others")
     p.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_weights_arg(p)
     p.set_defaults(func=cmd_fid)
 
 
@@ -507,6 +537,7 @@ def _add_evaluation_parsers(sub) -> None:
                    help="torch device; under torchrun cuda means cuda:LOCAL_RANK")
     p.add_argument("--dist-timeout", type=positive, default=5.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("kl-stats", help="average KL and active units per latent group (JSON and bar plot)")
@@ -514,6 +545,7 @@ def _add_evaluation_parsers(sub) -> None:
     p.add_argument("--batch-size", type=count, default=64)
     p.add_argument("--max-images", type=count, default=None)
     p.add_argument("--output", default=None, help="path stem for .json and .png (default: beside the checkpoint)")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_kl_stats)
 
 
@@ -542,6 +574,7 @@ def _add_image_parsers(sub) -> None:
     p.add_argument("--dist-timeout", type=positive, default=5.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("reconstruct", help="inputs beside their reconstructions (PNG)")
@@ -554,6 +587,7 @@ def _add_image_parsers(sub) -> None:
                    help="one grid: the inputs, then per K a row with the first K groups (coarsest first) at their "
                         "posterior means and the rest from the prior at -t")
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("interpolate", help="decode the line between two inputs' latents (PNG row)")
@@ -563,6 +597,7 @@ def _add_image_parsers(sub) -> None:
     p.add_argument("--steps", type=count, default=8)
     p.add_argument("--groups", default=None, help="comma-separated latent groups to interpolate (default: all)")
     p.add_argument("--output", default=None, help="PNG path (default: beside the checkpoint)")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_interpolate)
 
 
@@ -586,7 +621,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
                             draw_images=args.images, data=args.data, dataset=args.dataset, split=args.split,
                             num_samples=args.n, num_inputs=args.inputs, keep_groups=keep,
                             partial_temperature=args.partial_temperature, kl_images=args.kl_images,
-                            seed=args.seed, device=args.device, progress=args.progress)
+                            seed=args.seed, device=args.device, progress=args.progress, weights=args.weights)
     print(f"writing the report of {args.run} ...", file=sys.stderr)
     out = write_report(args.run, args.output, options)
     print(f"wrote {out}")
@@ -616,6 +651,7 @@ def _add_report_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_report)
 
 
@@ -669,10 +705,11 @@ def _cmd_partial_posterior(args: argparse.Namespace) -> int:
     from .checkpoint import save_png
     from .data import prepare_batch
     from .latents import partial_posterior_grid
-    from .runs import check_output, load_any
+    from .runs import check_output
     keep = _parse_keep_groups(args.keep_groups)
     t = 1.0 if args.temperature is None else args.temperature
-    model, ckpt = load_any(args.checkpoint, args.device)
+    model, ckpt, weights = _load(args)
+    print(f"{weights} weights of {ckpt}")
     out = check_output(args.output or ckpt.with_name(f"partial_posterior_{args.split}_t{t:g}.png"), ".png")
     _, data = _eval_data(args, ckpt, model)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -691,7 +728,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from .data import build_dataset, check_images_fit
     from .distributed import init_distributed, waiting_for_peers
     from .latents import EncodeConfig, encode_dataset
-    from .runs import check_output, dataset_of, load_any
+    from .runs import check_output, dataset_of
     if args.temperature is not None and not args.sample:
         raise ValueError("-t is the temperature of posterior samples; add --sample (without it the posterior "
                          "means are stored)")
@@ -703,11 +740,11 @@ def _cmd_encode(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, max_images=args.max_images, seed=args.seed)
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
-        model, ckpt = load_any(args.checkpoint, str(ctx.device))
+        model, ckpt, weights = _load(args, str(ctx.device))
         output = check_output(args.output or ckpt.with_name(f"latents_{args.split}.npz"), ".npz")
         dataset = args.dataset or dataset_of(ckpt)
         data = check_images_fit(build_dataset(dataset, args.split, args.data, flip=False), model.config, dataset)
-        identity = {"checkpoint": str(ckpt.resolve()), "dataset": dataset, "split": args.split}
+        identity = {"checkpoint": str(ckpt.resolve()), "weights": weights, "dataset": dataset, "split": args.split}
         with waiting_for_peers("the encoding", ctx):
             path = encode_dataset(model, data, output, config, dist_ctx=ctx, progress=args.progress,
                                   identity=identity)
@@ -728,7 +765,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
     from .checkpoint import save_png
     from .latents import decode, decode_to_file, load_latents
-    from .runs import check_output, load_any
+    from .runs import check_output, load_weights
     latents = load_latents(args.latents)
     checkpoint = args.checkpoint or latents.meta.get("checkpoint")
     if checkpoint is None:
@@ -738,7 +775,9 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     npz = check_output(png.with_suffix(".npz"), ".npz")
     if npz.resolve() == source.resolve():
         raise ValueError(f"the decoded images would replace the latents {source}; choose another --output")
-    model, _ = load_any(checkpoint, args.device)
+    # the weights that encoded the file unless --raw-weights says otherwise
+    model = load_weights(checkpoint, args.device, latents.meta.get("weights", "auto") if args.weights == "auto"
+                         else args.weights).model
     if args.max_images is not None:
         latents = latents.first(args.max_images)
     decode_to_file(model, latents, npz, args.batch_size, args.allow_other_model, progress=args.progress)
@@ -765,6 +804,7 @@ def _add_latents_parsers(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--dist-timeout", type=positive, default=5.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_encode)
 
     p = sub.add_parser("decode", help="images back from an `nvae encode` file (PNG grid and .npz)")
@@ -780,6 +820,7 @@ def _add_latents_parsers(sub) -> None:
                    help="decode even when the checkpoint's weights are not the ones that encoded the file")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--device", type=device, default="cpu")
+    _add_weights_arg(p)
     p.set_defaults(func=_cmd_decode)
 
 

@@ -360,6 +360,8 @@ class TrainConfig:
     #: on resume, continue on data other than the run's (another folder, or another number of images)
     allow_data_change: bool = False
     dist_timeout_minutes: float = 5.0    #: under torchrun: how long a process waits for the others
+    ema_rate: float = 0.0                #: EMA of the weights, ema = rate * ema + (1 - rate) * w (0: none)
+    grad_clip: float = 0.0               #: clip the total gradient norm to this before each step (0: never)
 
     def __post_init__(self):
         if isinstance(self.checkpointing_roles, list):   # as JSON brings it
@@ -375,6 +377,10 @@ class TrainConfig:
         if self.skip_grad_factor is not None and self.skip_grad_factor <= 1:
             raise ValueError(f"skip_grad_factor must be > 1 (or None to skip only non-finite steps), "
                              f"got {self.skip_grad_factor}")
+        if not 0 <= self.ema_rate < 1:
+            raise ValueError(f"ema_rate must be in [0, 1) (0: no EMA; vdvae uses 0.9999), got {self.ema_rate}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.dist_timeout_minutes <= 0:
             raise ValueError(f"dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
         if not 0 < self.skip_grad_quantile <= 1:

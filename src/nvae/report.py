@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .checkpoint import CheckpointError, atomic_write, safe_load
-from .runs import check_output, load_any
+from .runs import check_output, load_weights
 
 CONFIG_FILES = ("model_config.json", "train_config.json")
 #: the curves a reader looks at first, in this order; every other tag follows (val/ first, then by name)
@@ -63,6 +63,7 @@ class ReportOptions:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    weights: str = "auto"   #: "ema", "raw" or "auto" (the EMA when the run kept one), as runs.load_weights
 
     def __post_init__(self):
         if not self.temperatures or any(not math.isfinite(t) or t < 0 for t in self.temperatures):
@@ -198,13 +199,15 @@ def _pyplot():
 
 
 # ------------------------------------------------------------------ sections without the model
-def run_section(run_dir: Path, ckpt: Path, stored: dict) -> Section:
-    """What the run is: its checkpoint, step, data and when this page was made."""
+def run_section(run_dir: Path, ckpt: Path, stored: dict, weights: str) -> Section:
+    """What the run is: its checkpoint, step, the weights the images come from ("ema", "raw" or a
+    reason there are none), its data and when this page was made."""
     from . import __version__
     sec = Section("run", "Run")
     data = stored.get("data") or {}
     rows = [("run directory", str(run_dir.resolve())), ("checkpoint", ckpt.name),
             ("step", stored.get("step", "(not recorded)")),
+            ("weights of the images drawn", weights),
             ("data set", data.get("dataset") or (stored.get("train_config") or {}).get("dataset", "(not recorded)")),
             ("data folder", data.get("root") or "(built in or not recorded)"),
             ("training images", data.get("train_images", "(not recorded)")),
@@ -519,10 +522,10 @@ def _locate(run: Union[str, Path]) -> Tuple[Path, Path]:
 
 
 def _model_and_inputs(ckpt: Path, stored: dict, options: ReportOptions):
-    """(model or None, data or None, inputs or None, why there are no data)."""
+    """(model or None, "ema"/"raw" weights, data or None, inputs or None, why there are no data)."""
     if not options.draw_images:
-        return None, None, None, "images are not drawn from the checkpoint (--no-images)"
-    model, _ = load_any(ckpt, options.device)
+        return None, "none (--no-images)", None, None, "images are not drawn from the checkpoint (--no-images)"
+    model, _, weights = load_weights(ckpt, options.device, options.weights)
     bad = [k for k in options.keep_groups or () if not 0 <= k <= model.num_groups]
     if bad:
         raise ValueError(f"keep groups {bad} are out of range: the model has {model.num_groups} latent groups, "
@@ -530,8 +533,8 @@ def _model_and_inputs(ckpt: Path, stored: dict, options: ReportOptions):
     try:
         data = _report_data(ckpt, stored, model, options)
     except (ValueError, OSError) as e:
-        return model, None, None, f"the {options.split} data could not be loaded ({e}); pass --data DIR"
-    return model, data, _inputs(model, data, options), ""
+        return model, weights, None, None, f"the {options.split} data could not be loaded ({e}); pass --data DIR"
+    return model, weights, data, _inputs(model, data, options), ""
 
 
 def build_report(run: Union[str, Path], options: ReportOptions = ReportOptions()) -> str:
@@ -543,9 +546,9 @@ def build_report(run: Union[str, Path], options: ReportOptions = ReportOptions()
     from tqdm import tqdm
     run_dir, ckpt = _locate(run)
     stored = _stored(ckpt)
-    model, data, inputs, why = _model_and_inputs(ckpt, stored, options)
+    model, weights, data, inputs, why = _model_and_inputs(ckpt, stored, options)
     steps = [
-        lambda: run_section(run_dir, ckpt, stored),
+        lambda: run_section(run_dir, ckpt, stored, weights),
         lambda: configs_section(run_dir, stored),
         lambda: curves_section(run_dir, read_scalars(run_dir)),
         lambda: evaluations_section(run_dir),

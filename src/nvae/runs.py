@@ -2,8 +2,9 @@
 
 A run directory holds ``model_config.json``, ``train_config.json``, ``checkpoint.pt``
 (:meth:`nvae.state.TrainState.save`), TensorBoard ``events.*``, ``samples.png``,
-``reconstructions.png`` and ``log.txt``. :func:`load_any` reads a model from a run
-directory, one of our checkpoints or an official one.
+``reconstructions.png`` and ``log.txt``. :func:`load_weights` (and :func:`load_any`) reads a
+model from a run directory, one of our checkpoints or an official one, with the EMA of its
+weights when the run kept one.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_load, save_png
+from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_load, save_png, upgrade
 from .config import TRAIN_PRESETS, NVAEConfig, TrainConfig
 from .data import prepare_batch
+from .ema import stored_ema
 from .model import NVAE, training_mode
 from .official import OFFICIAL_DATASETS
 
@@ -288,23 +290,67 @@ def save_grid(images: torch.Tensor, path: Path, min_side: int = 128) -> None:
 
 
 # ------------------------------------------------------------------ reading back
-def load_any(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Tuple[NVAE, Path]:
-    """``(model in eval mode, checkpoint path)`` from a run directory, one of our checkpoints, or an official one."""
+#: What :func:`load_weights` may be asked for: the EMA when there is one, the EMA, or the raw weights.
+WEIGHTS = ("auto", "ema", "raw")
+
+
+class LoadedModel(NamedTuple):
+    """A model read back for use (eval mode), where it came from, and which weights it holds."""
+
+    model: NVAE
+    checkpoint: Path
+    weights: str        #: "ema" (the run's EMA of the weights) or "raw" (the weights as trained)
+
+
+def load_weights(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                 weights: str = "auto") -> LoadedModel:
+    """The model of a run directory, one of our checkpoints, or an official one, in eval mode.
+
+    ``weights="auto"`` gives the EMA of the weights when the run kept one (``ema_rate`` > 0)
+    and the raw weights otherwise; ``"ema"`` insists on the EMA, ``"raw"`` never uses it. The
+    returned :attr:`LoadedModel.weights` says which was used; fingerprints of the model
+    (:func:`nvae.checkpoint.model_fingerprint`, so the BN re-adjustment cache) follow it.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoint.pt"
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {p}; pass a run directory or a checkpoint file")
     try:
-        return NVAE.from_checkpoint(p, device).eval(), p
+        state = read_checkpoint(p)
     except CheckpointError as ours:
         try:
-            state = safe_load(p, device, allowed_globals=[argparse.Namespace])
+            official = safe_load(p, device, allowed_globals=[argparse.Namespace])
         except CheckpointError:
             raise ours from None
-        if isinstance(state, dict) and "args" in state:
-            return NVAE.from_official(p, device), p
-        raise ours from None
+        if not (isinstance(official, dict) and "args" in official):
+            raise ours from None
+        _check_ema_wanted(weights, None, p)
+        return LoadedModel(NVAE.from_official(p, device), p, "raw")
+    ema = stored_ema(state)
+    _check_ema_wanted(weights, ema, p)
+    used = "raw" if weights == "raw" or ema is None else "ema"
+    try:
+        model = NVAE(NVAEConfig.from_dict(state["config"]))
+        model.load_state_dict(ema if used == "ema" else upgrade(state, model)["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{p} is damaged or inconsistent: {str(e).splitlines()[0][:300]}") from None
+    return LoadedModel(model.to(device).eval(), p, used)
+
+
+def _check_ema_wanted(weights: str, ema: Optional[dict], path: Path) -> None:
+    if weights == "ema" and ema is None:
+        raise ValueError(f"{path} holds no EMA of the weights (the run was trained without --train ema_rate=..., "
+                         "or before its first step); use the raw weights")
+
+
+def load_any(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+             weights: str = "auto") -> Tuple[NVAE, Path]:
+    """``(model in eval mode, checkpoint path)``: :func:`load_weights` without saying which weights."""
+    model, checkpoint, _ = load_weights(path, device, weights)
+    return model, checkpoint
 
 
 def dataset_of(checkpoint: Union[str, Path]) -> str:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, save_model, upgrade
 from .config import NVAEConfig, TrainConfig
 from .distributed import DistributedContext, wrap_model
+from .ema import WeightEMA
 from .model import NVAE
 from .resume import capture_rng, restore_rng
 from .stability import GradientGuard
@@ -36,9 +37,11 @@ def rank_seed(seed: int, rank: int) -> int:
 
 @dataclass
 class TrainState:
-    """Model, optimiser, grad scaler, gradient guard, counters and the data stream's generator.
+    """Model, optimiser, grad scaler, gradient guard, EMA of the weights, counters and the data stream's generator.
 
     ``net`` is what the loss runs: the model, or its DistributedDataParallel wrapper.
+    ``ema`` (None: off) is updated after every applied step; ``grad_clip`` (0: off) bounds
+    the gradient norm of each step (:func:`nvae.step.train_step`).
     """
 
     model: NVAE
@@ -53,8 +56,13 @@ class TrainState:
     lr_scale: float = 1.0       #: lowered by each roll-back
     rollbacks: int = 0
     elapsed: float = 0.0        #: seconds of training before this process started
+    ema: Optional[WeightEMA] = None
+    grad_clip: float = 0.0
+    clipped_steps: int = 0      #: applied steps whose gradients were clipped
 
-    COUNTERS = ("step", "elapsed", "lr_scale", "rollbacks")
+    COUNTERS = ("step", "elapsed", "lr_scale", "rollbacks", "clipped_steps")
+    #: counters an older checkpoint may lack, and the value they start from
+    NEWER_COUNTERS = {"clipped_steps": 0}
 
     def __post_init__(self):
         if self.net is None:
@@ -78,31 +86,41 @@ class TrainState:
         guard = GradientGuard(cfg.skip_grad_factor, cfg.skip_grad_quantile, cfg.skip_grad_window,
                               max_consecutive=cfg.max_consecutive_skips)
         return cls(model, opt, net, torch.amp.GradScaler(dist_ctx.device.type, enabled=cfg.precision == "fp16"),
-                   guard, dist_ctx, data_generator or torch.Generator(), AUTOCAST[cfg.precision])
+                   guard, dist_ctx, data_generator or torch.Generator(), AUTOCAST[cfg.precision],
+                   ema=WeightEMA(cfg.ema_rate) if cfg.ema_rate > 0 else None, grad_clip=cfg.grad_clip)
 
     # ------------------------------------------------------------ save / load
     def state_dict(self) -> Dict[str, Any]:
-        """Weights, optimiser, scaler, guard, counters (``run``) and this process's random streams."""
-        return {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "guard": self.guard.state_dict(),
-                "run": {k: getattr(self, k) for k in self.COUNTERS},
-                "rng": capture_rng(self.data_generator, self.dist.device)}
+        """Weights, optimiser, scaler, guard, counters (``run``), the EMA (when on) and this process's random
+        streams."""
+        state = {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "guard": self.guard.state_dict(),
+                 "run": {k: getattr(self, k) for k in self.COUNTERS},
+                 "rng": capture_rng(self.data_generator, self.dist.device)}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any], progress: bool = True) -> None:
         """Load a checkpoint (:meth:`save`'s file, read by :func:`~nvae.checkpoint.read_checkpoint`).
 
-        With ``progress=False`` (a roll-back) only weights, optimiser and scaler are
-        loaded: the step, the guard's history and the random streams go on.
+        With ``progress=False`` (a roll-back) only weights, EMA, optimiser and scaler are
+        loaded: the step, the guard's history and the random streams go on. A checkpoint
+        without an EMA (older, or from a run without one) leaves the EMA empty: it starts
+        again from the weights at the next applied step.
         """
         try:
             state = upgrade(state, self.model)
             self.model.load_state_dict(state["state_dict"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state.get("scaler") or {})
+            if self.ema is not None:
+                self.ema.load_state_dict(state.get("ema") or {"state_dict": {}, "updates": 0}, self.model)
             if progress:
                 self.guard.load_state_dict(state["guard"])
                 for k in self.COUNTERS:
-                    setattr(self, k, type(getattr(self, k))(state["run"][k]))
+                    value = state["run"][k] if k in state["run"] else self.NEWER_COUNTERS[k]
+                    setattr(self, k, type(getattr(self, k))(value))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"the checkpoint cannot be resumed ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200]}); it may come from an older nvae; start a new run "

@@ -51,14 +51,24 @@ def schedule(step: int, steps_per_epoch: int, cfg: TrainConfig, alpha: Optional[
 
 def train_step(state: TrainState, x: torch.Tensor, coeffs: Coefficients,
                max_grad_norm: Optional[float] = None) -> StepResult:
-    """One step: loss, backward, gradient norm, and the update unless the step is bad; ``state.step`` + 1.
+    """One step: loss, backward, gradient norm, clipping, and the update unless the step is bad; then the
+    EMA of the weights (``state.ema``) follows the update; ``state.step`` + 1.
 
     A step is bad when its loss or gradient norm is not finite, or the gradient norm
     exceeds ``max_grad_norm`` (default: the gradient guard's threshold), on *any*
     process; it is then skipped on all of them, so the replicas never drift apart. A
     skipped step leaves no trace: its forward pass already moved the BN running
     statistics and power-iteration vectors (and, on the first step, the data-dependent
-    initialisation), so every buffer is put back as it was. The guard records the step.
+    initialisation), so every buffer is put back as it was, and the EMA does not move.
+    The guard records the step.
+
+    With ``state.grad_clip`` > 0 the gradients are scaled so that their total norm is at
+    most ``grad_clip`` (:func:`torch.nn.utils.clip_grad_norm_`). The skip decision, the
+    guard's history and the returned ``grad_norm`` all use the norm before clipping:
+    clipping bounds ordinary large steps, while the guard exists to notice outliers, which
+    clipping would otherwise turn into full-size steps in an unreliable direction (and
+    the guard's running quantile would only ever see norms up to ``grad_clip``).
+    ``state.clipped_steps`` counts the applied steps that were clipped.
     """
     if max_grad_norm is None:
         max_grad_norm = state.guard.threshold()
@@ -74,7 +84,9 @@ def train_step(state: TrainState, x: torch.Tensor, coeffs: Coefficients,
         out = nvae_loss(state.net, x, coeffs.beta, coeffs.lam, coeffs.alpha, coeffs.balance)
     state.scaler.scale(out.loss).backward()
     state.scaler.unscale_(state.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), float("inf"))
+    # Returns the norm before clipping; under DDP the gradients, so the norms, are the same on every process.
+    clip = state.grad_clip if state.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.net.parameters(), clip)
     bad = state.dist.any(not (torch.isfinite(out.loss) and torch.isfinite(grad_norm) and grad_norm <= max_grad_norm))
     if bad:
         state.optimizer.zero_grad(set_to_none=True)
@@ -83,6 +95,9 @@ def train_step(state: TrainState, x: torch.Tensor, coeffs: Coefficients,
                 b.copy_(old)
     else:
         state.scaler.step(state.optimizer)
+        if state.ema is not None:
+            state.ema.update(state.model)
+        state.clipped_steps += int(grad_norm.item() > clip)
     state.scaler.update()
     state.guard.update(grad_norm.item(), not bad)
     state.step += 1

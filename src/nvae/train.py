@@ -281,6 +281,7 @@ def _log_step(log: RunLog, state: TrainState, out: Loss, stats: dict, coeffs: Co
     log.scalars(state.step, {**stats, "kl_coeffs": out.kl_coeffs},
                 {"kl_coeff": coeffs.beta, "lr": coeffs.learning_rate, "lambda": coeffs.lam,
                  "spectral_loss": out.spectral.item(), "bn_loss": out.batchnorm.item(),
-                 "grad_norm": grad_norm.item(), "skipped_steps": state.guard.total})
+                 "grad_norm": grad_norm.item(), "skipped_steps": state.guard.total,
+                 "clipped_steps": state.clipped_steps})
     log.info("step %d nelbo %.4f recon %.4f kl %.4f beta %.4f lr %.2e", state.step, stats["nelbo"].item(),
              stats["recon"].item(), stats["kl"].item(), coeffs.beta, coeffs.learning_rate)
