@@ -94,6 +94,21 @@ def test_bits_per_dim_of_mnist_are_over_the_28x28_pixels_the_official_code_count
     assert validation_seed(1, 0, "eval") != validation_seed(1, 1, "eval") != validation_seed(1, 1, "samples")
 
 
+def test_the_train_command_sets_the_schedule_and_a_resumed_run_may_change_it(tmp_path, capsys):
+    from nvae.cli import _train_overrides, build_parser, main
+    from nvae.runs import check_same_run
+    args = build_parser().parse_args(["train", "--eval-every", "0", "--eval-samples", "5",
+                                      "--final-eval-samples", "0"])
+    assert {k: _train_overrides(args)[k] for k in ("eval_every", "eval_samples", "final_eval_samples")} == \
+        {"eval_every": 0, "eval_samples": 5, "final_eval_samples": 0}
+    assert "eval_every" not in _train_overrides(build_parser().parse_args(["train"]))   # None: the official rule
+    for bad in (["--eval-every", "-1"], ["--eval-samples", "0"], ["--final-eval-samples", "x"]):
+        assert main(["train", "--run-dir", str(tmp_path / "never"), *bad]) == 2
+        assert bad[0] in capsys.readouterr().err and not (tmp_path / "never").exists()
+    changed = dataclasses.replace(TRAIN, eval_every=5, eval_samples=7, final_eval_samples=0, eval_max_images=None)
+    check_same_run(MODEL.to_dict(), TRAIN.to_dict(), MODEL, changed, tmp_path)   # no error: run control only
+
+
 # ------------------------------------------------------------------ one validation
 def test_a_validation_leaves_weights_bn_statistics_random_streams_and_mode_alone(tmp_path):
     state = TrainState.create(MODEL, TRAIN)
@@ -225,6 +240,7 @@ def test_a_signal_at_an_epoch_boundary_validates_that_epoch_when_resumed(referen
 
 
 # ------------------------------------------------------------------ torchrun
+@pytest.mark.slow   # two torchrun processes: ~20 s of CPU
 def test_torchrun_validation_is_sharded_and_equals_one_process(tmp_path):
     """Two gloo processes: one run directory, and the final numbers those of a one-process evaluation."""
     run = tmp_path / "run"
