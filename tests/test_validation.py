@@ -234,9 +234,14 @@ def test_a_signal_at_an_epoch_boundary_validates_that_epoch_when_resumed(referen
     log = (run / "log.txt").read_text()
     assert [log.count(f"validation after epoch {e} ") for e in range(3)] == [1, 1, 1]
     assert [e.step for e in _events(run).Scalars("val/nelbo")] == [0, 1, 2, 3]
-    # a finished run resumed again evaluates nothing more
+    # a finished run resumed again evaluates nothing more; asked for another K, only the final evaluation
     _run(run, resume=True)
     assert (run / "log.txt").read_text().count("validation") == log.count("validation")
+    (run / "validation_final.partial.json").write_text("{damaged")   # partial sums it cannot continue
+    _run(run, resume=True, final_eval_samples=4)
+    assert json.loads((run / FINAL_FILE).read_text())["num_samples"] == 4
+    assert "starting it over" in (run / "log.txt").read_text() and not (run / "validation_final.partial.json").exists()
+    assert (run / "log.txt").read_text().count("validation after epoch") == 3
 
 
 # ------------------------------------------------------------------ torchrun

@@ -209,7 +209,9 @@ class Validation:
             return None
         path, dist_ctx = self.run_dir / FINAL_FILE, state.dist
         before = _from_main(_read_final(path) if dist_ctx.is_main else None, dist_ctx)
-        if before is not None and before.get("step") == state.step and before.get("num_samples") == k:
+        images = len(self.data) if self.cfg.eval_max_images is None else min(self.cfg.eval_max_images, len(self.data))
+        if before is not None and (before.get("step"), before.get("num_samples"), before.get("num_images")) == \
+                (state.step, k, images):
             return None
         seed = validation_seed(self.cfg.seed, self.cfg.epochs, "eval")
         config = EvalConfig(num_samples=k, batch_size=self.cfg.batch_size, max_images=self.cfg.eval_max_images,
