@@ -400,7 +400,8 @@ def _add_training_parsers(sub) -> None:
     p.add_argument("--eval-samples", type=count, default=None, metavar="K",
                    help="K of each validation's importance-weighted NLL (default 10)")
     p.add_argument("--final-eval-samples", type=non_negative, default=None, metavar="K",
-                   help="K of the evaluation after the last epoch, into validation_final.json (default 1000; 0: none)")
+                   help="K of the evaluation after the last epoch, into validation_final.json (default 1000, "
+                        "digits 50; 0: none)")
     p.add_argument("--no-tune-allocator", dest="tune_allocator", action="store_false",
                    help="leave glibc malloc settings alone")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="override an NVAEConfig field")
