@@ -128,6 +128,24 @@ def test_a_validation_leaves_weights_bn_statistics_random_streams_and_mode_alone
     assert not any(tmp_path.iterdir())               # a disabled log (ranks > 0) writes nothing
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")   # the NaN sample grids
+def test_a_diverged_model_is_recorded_as_null_and_gets_no_final_json(tmp_path):
+    state = TrainState.create(MODEL, TRAIN)
+    with torch.no_grad():
+        next(state.model.parameters()).fill_(float("nan"))
+    log = RunLog(tmp_path, enabled=True)
+    try:
+        check = Validation(TRAIN, build_dataset("digits", "test", None), log, tmp_path, 1, progress=False)
+        state.step = 1
+        check.evaluate_epoch(state, 0)
+        state.step = TRAIN.epochs
+        check.final(state, "digits")
+    finally:
+        log.close()
+    assert _history(tmp_path)[0]["nll"] is None and not (tmp_path / FINAL_FILE).exists()
+    assert "non-finite" in (tmp_path / "log.txt").read_text()
+
+
 def test_sample_grids_are_bernoulli_means_for_binary_data():
     model = NVAE(dataclasses.replace(MODEL, decoder="bernoulli")).eval()
     grids = sample_grids(model, torch.Generator().manual_seed(0))

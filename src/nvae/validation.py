@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,8 +153,8 @@ def _read_final(path: Path) -> Optional[dict]:
 class Validation:
     """The validation of one run: what it evaluated so far and how to evaluate the next epoch.
 
-    ``data``: the validation split; ``per_epoch``: training steps per epoch; ``dataset``: its name
-    (for the final JSON). Every process of a torchrun job holds one and calls the same methods.
+    ``data``: the validation split; ``per_epoch``: training steps per epoch. Every process of a
+    torchrun job holds one and calls the same methods.
     """
 
     cfg: TrainConfig
@@ -229,7 +230,7 @@ class Validation:
                 result = evaluate(model, self.data, config, dist_ctx=dist_ctx, partial=partial,
                                   progress=self.progress and dist_ctx.is_main)
         self._log_result(result, self.cfg.epochs, f"final validation (step {state.step})")
-        if self.log.enabled:
+        if self.log.enabled and None not in _numbers(result).values():
             write_json(path, {"checkpoint": str(self.run_dir / "checkpoint.pt"), "dataset": dataset,
                               "split": SPLIT, "seed": seed, "step": state.step, "epoch": self.cfg.epochs,
                               **result.to_dict()})
@@ -241,6 +242,9 @@ class Validation:
         for tag, name in TAGS.items():
             self.log.writer.add_scalar(tag, getattr(result, name), x)
         self.log.writer.flush()
+        if None in _numbers(result).values():
+            self.log.warning("%s gave non-finite numbers; the model has diverged (JSON records them as null, and "
+                             "no final JSON is written)", what)
         self.log.info("%s, K=%d on %d images: nelbo %.4f neg_log_p %.4f bpd_elbo %.4f bpd_log_p %.4f", what,
                       result.num_samples, result.num_images, result.nelbo, result.nll, result.bpd_elbo, result.bpd)
 
@@ -253,4 +257,6 @@ class Validation:
 
 
 def _numbers(result: EvalResult) -> dict:
-    return {k: v for k, v in result.to_dict().items() if k != "units"}
+    """The result's numbers for JSON: a non-finite one (a diverged model) as None."""
+    return {k: v if not isinstance(v, float) or math.isfinite(v) else None
+            for k, v in result.to_dict().items() if k != "units"}
