@@ -42,7 +42,9 @@ def main(argv=None) -> None:
     from nvae.config import parse_overrides
     model_cfg = NVAEConfig.preset(a.preset)
     base = TrainConfig.preset(a.preset)
-    overrides = dict(max_minutes=a.minutes, channels_last=a.channels_last, **parse_overrides(a.train, TrainConfig))
+    # timed training: no validation inside it unless --train asks for it (the evaluation follows)
+    overrides = {**dict(max_minutes=a.minutes, channels_last=a.channels_last, eval_every=0, final_eval_samples=0),
+                 **parse_overrides(a.train, TrainConfig)}
     if a.epochs:
         overrides["epochs"] = a.epochs
         overrides.setdefault("warmup_epochs", min(base.warmup_epochs, a.epochs))   # an explicit --train wins

@@ -74,7 +74,9 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     explicit = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                          max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
                                          precision=args.precision, checkpoint_every=args.checkpoint_every,
-                                         dist_timeout_minutes=args.dist_timeout).items()
+                                         dist_timeout_minutes=args.dist_timeout, eval_every=args.eval_every,
+                                         eval_samples=args.eval_samples,
+                                         final_eval_samples=args.final_eval_samples).items()
                 if v is not None}
     for flag in ("channels_last", "recompute_bn", "deterministic", "strict_data", "allow_data_change"):
         if getattr(args, flag):
@@ -507,6 +509,14 @@ def _add_training_parsers(sub) -> None:
                    help="with --resume: continue on other data than the run trained on (its schedules change)")
     p.add_argument("--dist-timeout", type=positive, default=None, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others (default 5)")
+    p.add_argument("--eval-every", type=non_negative, default=None, metavar="N",
+                   help="validate every N epochs (0: never; default: the official schedule, every epoch up to "
+                        "50 epochs, else every 20)")
+    p.add_argument("--eval-samples", type=count, default=None, metavar="K",
+                   help="K of each validation's importance-weighted NLL (default 10)")
+    p.add_argument("--final-eval-samples", type=non_negative, default=None, metavar="K",
+                   help="K of the evaluation after the last epoch, into validation_final.json (default 1000, "
+                        "digits 50; 0: none)")
     p.add_argument("--no-tune-allocator", dest="tune_allocator", action="store_false",
                    help="leave glibc malloc settings alone")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="override an NVAEConfig field")

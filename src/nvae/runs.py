@@ -31,7 +31,7 @@ log = logging.getLogger("nvae.train")
 
 #: Options that only steer a run (when to stop, log, write): a resumed run may change them.
 RUN_CONTROL = ("max_steps", "max_minutes", "log_every", "image_every", "checkpoint_every", "allow_data_change",
-               "dist_timeout_minutes")
+               "dist_timeout_minutes", "eval_every", "eval_samples", "final_eval_samples", "eval_max_images")
 
 
 class RunDirError(ValueError):

@@ -4,7 +4,8 @@
 (:mod:`nvae.runs`): both configs, ``checkpoint.pt``, TensorBoard events, image grids
 and ``log.txt``. The pieces it puts together live beside it: the state of a run
 (:mod:`nvae.state`), one optimisation step and the schedules (:mod:`nvae.step`),
-which steps to skip (:mod:`nvae.stability`), resuming mid-epoch (:mod:`nvae.resume`).
+which steps to skip (:mod:`nvae.stability`), resuming mid-epoch (:mod:`nvae.resume`),
+validation during training (:mod:`nvae.validation`).
 
 Started by ``torchrun --nproc_per_node N -m nvae train ...`` every process runs
 the same loop on its own ``batch_size`` images (the official per-GPU batch)
@@ -36,6 +37,7 @@ from .runs import (RunDirError, RunLock, RunLog, check_same_data, checkpoint_to_
 from .stability import TrainingDiverged
 from .state import TrainState, rank_seed
 from .step import Coefficients, learning_rate, schedule, train_step  # noqa: F401  (re-exported)
+from .validation import Validation
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -66,6 +68,10 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
     complete training state is written atomically to ``run_dir/checkpoint.pt``.
     After a signal, :class:`TrainingInterrupted` is raised once the checkpoint
     is on disk.
+
+    The run validates on the data set's held-out split on the official schedule
+    and evaluates with K = ``final_eval_samples`` once the schedule is complete
+    (:mod:`nvae.validation`; ``eval_every`` and friends change it).
 
     Under torchrun (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set) every process
     calls this: each trains on ``batch_size`` images per step from its share of
@@ -101,7 +107,12 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
             state, batches = _start(model_config, train_config, data, test_data, dist_ctx, stored, identity)
             log = RunLog(run_dir, main, purge_step=state.step + 1 if stored is not None else None)
             _describe(log, state, train_config, batches, stored, run_dir, resume)
-            _loop(state, train_config, batches, log, run_dir, progress, stop)
+            validation = Validation(train_config, test_data, log, run_dir, batches.sampler.batches_per_epoch,
+                                    progress)
+            validation.start(state)
+            _loop(state, train_config, batches._replace(validation=validation), log, run_dir, progress, stop)
+        # Outside the signal handler: a signal stops the (resumable) final evaluation at once.
+        validation.final(state, train_config.dataset)
         if getattr(data, "skipped", 0):
             log.warning("%d unreadable training image(s) were skipped: %s", data.skipped,
                         ", ".join(map(str, list(data.skipped_files)[:10])))
@@ -129,6 +140,7 @@ class TrainingData(NamedTuple):
     loader: DataLoader
     fixed: torch.Tensor         #: test images whose reconstructions the run shows
     identity: dict              #: what identifies the data (:func:`~nvae.runs.data_identity`)
+    validation: Optional[Validation] = None     #: validation during training (:mod:`nvae.validation`)
 
 
 def training_data(model_config: NVAEConfig, cfg: TrainConfig, data_root: Optional[str],
@@ -232,6 +244,8 @@ def _loop(state: TrainState, cfg: TrainConfig, batches: TrainingData, log: RunLo
                 _log_step(log, state, out, stats, coeffs, grad_norm)
             if state.step % cfg.image_every == 0 or state.step == last_step:
                 log.images(state.model, batches.fixed, state.step)
+            if batches.validation is not None and not signalled:   # a signalled run validates when resumed
+                batches.validation.after_step(state)
             if signalled or state.step % cfg.checkpoint_every == 0 or state.step == last_step:
                 state.elapsed += time.perf_counter() - t_start
                 t_start, start_step = time.perf_counter(), state.step
