@@ -356,7 +356,8 @@ def run_in_subprocess(variant: Variant, settings: Settings, work_dir: Path, time
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", payload, "--worker-out", str(out)],
+            rc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", payload,
+                                 "--worker-out", str(out)],
                                 stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -543,7 +544,8 @@ def settings_from(a: argparse.Namespace) -> Settings:
     return Settings(dataset=a.dataset, data=a.data, preset=a.preset or f"cpu_{a.dataset}",
                     model=tuple(parse_overrides(a.model, NVAEConfig).items()), batch_size=a.batch_size,
                     train_images=a.train_images, test_images=a.test_images, num_samples=a.num_samples,
-                    minutes=minutes, budget=a.budget or ("cpu" if a.device == "cpu" else "wall"), epochs=a.epochs, warmup_epochs=a.warmup_epochs, max_steps=a.steps,
+                    minutes=minutes, budget=a.budget or ("cpu" if a.device == "cpu" else "wall"), epochs=a.epochs,
+                    warmup_epochs=a.warmup_epochs, max_steps=a.steps,
                     device=a.device, threads=a.threads, channels_last=not a.no_channels_last, precision=a.precision,
                     seed=a.seed)
 

@@ -125,7 +125,8 @@ def main(argv=None) -> None:
                                      ("tuned-allocator", tuned), ("recompute-bn", a.recompute_bn)] if on)
     print(f"# {describe_cpu()}")
     print(f"preset={a.preset} batch={a.batch} device={device} precision={a.precision} {flags}".rstrip())
-    print(f"median step: {statistics.median(times):.3f} s  (min {min(times):.3f}, max {max(times):.3f}, n={len(times)})")
+    print(f"median step: {statistics.median(times):.3f} s  "
+          f"(min {min(times):.3f}, max {max(times):.3f}, n={len(times)})")
     print(f"peak RSS: {peak_gb:.2f} GB; working memory (peak RSS - RSS after import torch): "
           f"{peak_gb - RSS_AFTER_TORCH:.2f} GB")
     if saved_mb is not None:

@@ -134,7 +134,8 @@ def test_a_partial_file_of_other_arguments_is_refused(tmp_path, caplog):
 
 def test_a_resumable_evaluation_needs_a_seed(tmp_path):
     with pytest.raises(ValueError, match="seed"):
-        evaluate(_model(), TensorDataset(_images()), EvalConfig(num_samples=K), partial=PartialFile(tmp_path / "p.json"),
+        evaluate(_model(), TensorDataset(_images()), EvalConfig(num_samples=K),
+                 partial=PartialFile(tmp_path / "p.json"),
                  progress=False)
 
 

@@ -111,7 +111,8 @@ def test_official_mismatch_names_the_first_entry():
         convert_state_dict({k: v for k, v in official.items() if k != "stem.bias"}, model)
     with pytest.raises(CheckpointError, match=r"official entry extra\.weight .*no counterpart"):
         convert_state_dict({**official, "extra.weight": torch.zeros(1)}, model)
-    with pytest.raises(CheckpointError, match=r"official entry enc0\.1\.bias \(3,\) does not match encoder0\.conv\.bias"):
+    with pytest.raises(CheckpointError,
+                       match=r"official entry enc0\.1\.bias \(3,\) does not match encoder0\.conv\.bias"):
         convert_state_dict({**official, "enc0.1.bias": torch.zeros(3)}, model)
 
 

@@ -85,7 +85,8 @@ def test_learning_rate_warms_up_linearly_then_cosine_to_the_minimum():
     assert learning_rate(50, spe, cfg) == pytest.approx(1e-2)
     span = 20 - 5 - 1
     mid = (5 + span // 2) * spe
-    assert learning_rate(mid, spe, cfg) == pytest.approx(1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi * (span // 2) / span)) / 2)
+    expected = 1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi * (span // 2) / span)) / 2
+    assert learning_rate(mid, spe, cfg) == pytest.approx(expected)
     assert learning_rate(19 * spe, spe, cfg) == pytest.approx(1e-4)
     lrs = [learning_rate(s, spe, cfg) for s in range(50, 200)]
     assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:]))
