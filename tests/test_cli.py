@@ -101,3 +101,22 @@ def test_unknown_checkpointing_role_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown cell role(s) ['normal_dex']" in err and "normal_dec" in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_eval_reads_the_folder_and_image_size_the_run_trained_on(tmp_path, capsys):
+    """`nvae eval RUN` of a run trained on an image folder needs neither --data nor --dataset."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(24):
+        Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8), mode="L").save(tmp_path / "imgs" / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "digits", "--train", "dataset=folder", "--train", "batch_size=8",
+                 "--data", str(tmp_path / "imgs"), "--max-steps", "1", "--run-dir", str(run), "--model",
+                 "num_channels_enc=4", "--model", "num_channels_dec=4"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "-k", "2", "--output", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["dataset"] == "folder" and result["num_images"] == 1   # the held-out 5% of 24, rounded
+    assert str(tmp_path / "imgs") in result["data_source"]

@@ -245,10 +245,8 @@ def _sample_one(args, ctx, model, source, t, weights: str) -> None:
 
 
 def _eval_data(args, ckpt, model):
-    from .data import build_dataset, check_images_fit
-    from .runs import dataset_of
-    dataset = args.dataset or dataset_of(ckpt)
-    return dataset, check_images_fit(build_dataset(dataset, args.split, args.data), model.config, dataset)
+    from .runs import split_of
+    return split_of(ckpt, model.config, args.split, args.dataset, args.data)
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -324,7 +322,8 @@ def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--dataset", default=None, help="data set name (default: the one the run was trained on)")
-    p.add_argument("--data", default=None, help="folder holding the data set's files")
+    p.add_argument("--data", default=None,
+                   help="folder holding the data set's files (default: the folder the run was trained on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device, default="cpu")
 
@@ -735,10 +734,9 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     """``nvae encode``: one process, or each process of a torchrun job with its share; rank 0 writes."""
     from datetime import timedelta
 
-    from .data import build_dataset, check_images_fit
     from .distributed import init_distributed, waiting_for_peers
     from .latents import EncodeConfig, encode_dataset
-    from .runs import check_output, dataset_of
+    from .runs import check_output, split_of
     if args.temperature is not None and not args.sample:
         raise ValueError("-t is the temperature of posterior samples; add --sample (without it the posterior "
                          "means are stored)")
@@ -752,8 +750,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     try:
         model, ckpt, weights = _load(args, str(ctx.device))
         output = check_output(args.output or ckpt.with_name(f"latents_{args.split}.npz"), ".npz")
-        dataset = args.dataset or dataset_of(ckpt)
-        data = check_images_fit(build_dataset(dataset, args.split, args.data, flip=False), model.config, dataset)
+        dataset, data = split_of(ckpt, model.config, args.split, args.dataset, args.data, flip=False)
         identity = {"checkpoint": str(ckpt.resolve()), "weights": weights, "dataset": dataset, "split": args.split}
         with waiting_for_peers("the encoding", ctx):
             path = encode_dataset(model, data, output, config, dist_ctx=ctx, progress=args.progress,

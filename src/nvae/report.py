@@ -480,11 +480,8 @@ def kl_section(model, data, why: str, run_dir: Path, options: ReportOptions) -> 
 # ------------------------------------------------------------------ the page
 def _report_data(ckpt: Path, stored: dict, model, options: ReportOptions):
     """The split the image sections draw on; a ValueError / OSError saying why there is none."""
-    from .data import build_dataset, check_images_fit
-    from .runs import dataset_of
-    name = options.dataset or dataset_of(ckpt)
-    root = options.data or (stored.get("data") or {}).get("root")
-    return check_images_fit(build_dataset(name, options.split, root), model.config, name)
+    from .runs import split_of
+    return split_of(ckpt, model.config, options.split, options.dataset, options.data)[1]
 
 
 def _stored(ckpt: Path) -> dict:

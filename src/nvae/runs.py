@@ -355,11 +355,35 @@ def load_any(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
 
 def dataset_of(checkpoint: Union[str, Path]) -> str:
     """The data set a checkpoint was trained on: from our training config or the official args."""
+    return data_of(checkpoint)[0]
+
+
+def split_of(checkpoint: Union[str, Path], config: NVAEConfig, split: str, dataset: Optional[str] = None,
+             root: Optional[str] = None, **options) -> Tuple[str, torch.utils.data.Dataset]:
+    """``(data set name, split)`` to evaluate a model of ``config`` read from ``checkpoint`` on.
+
+    ``dataset`` and ``root`` default to what the checkpoint recorded (the folder only when the
+    data set is the recorded one); images come at the model's size and channel count, and a
+    data set whose images do not fit the model is a clear error. ``options`` go to
+    :func:`nvae.data.build_dataset` (e.g. ``flip=False``)."""
+    from .data import build_dataset, check_images_fit
+    recorded, recorded_root = (None, None) if dataset and root else data_of(checkpoint)
+    name = dataset or recorded
+    folder = root or (recorded_root if name == recorded else None)
+    data = build_dataset(name, split, folder, image_size=config.image_size, channels=config.in_channels, **options)
+    return name, check_images_fit(data, config, name)
+
+
+def data_of(checkpoint: Union[str, Path]) -> Tuple[str, Optional[str]]:
+    """``(data set, data folder or None)`` a checkpoint was trained on: from our training config and the
+    data the run recorded, or from the official ``args`` (``--dataset``, ``--data``)."""
     state = safe_load(checkpoint, allowed_globals=[argparse.Namespace])
     if isinstance(state, dict) and isinstance(state.get("train_config"), dict):
-        return state["train_config"]["dataset"]
+        root = (state.get("data") or {}).get("root")
+        return state["train_config"]["dataset"], root if isinstance(root, str) else None
     if isinstance(state, dict) and "args" in state:
-        name = vars(state["args"]).get("dataset")
-        if name in OFFICIAL_DATASETS:
-            return OFFICIAL_DATASETS[name]
+        args = vars(state["args"])
+        if args.get("dataset") in OFFICIAL_DATASETS:
+            root = args.get("data")
+            return OFFICIAL_DATASETS[args["dataset"]], root if isinstance(root, str) else None
     raise ValueError(f"{checkpoint} does not say which data set it was trained on; pass --dataset")
