@@ -69,9 +69,8 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
     After a signal, :class:`TrainingInterrupted` is raised once the checkpoint
     is on disk.
 
-    The run validates on the data set's held-out split on the official schedule
-    and evaluates with K = ``final_eval_samples`` once the schedule is complete
-    (:mod:`nvae.validation`; ``eval_every`` and friends change it).
+    The run validates on the official schedule and evaluates with K = ``final_eval_samples``
+    once the schedule is complete (:mod:`nvae.validation`; ``eval_every`` and friends change it).
 
     Under torchrun (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set) every process
     calls this: each trains on ``batch_size`` images per step from its share of
@@ -96,14 +95,7 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
             identity = data_identity(train_config.dataset, data_root, len(data))
             check_same_data(stored, identity, train_config.allow_data_change, run_dir)
             if main:
-                lock.acquire()
-                try:   # again, now that no other process can write the directory meanwhile
-                    if not resume or _file_version(run_dir / "checkpoint.pt") != seen:
-                        stored = checkpoint_to_resume(run_dir, model_config, train_config, resume)
-                except RunDirError:
-                    lock.release(keep=False)
-                    raise
-                write_configs(run_dir, model_config, train_config)
+                stored = _claim(lock, (model_config, train_config), resume, seen, stored)
             state, batches = _start(model_config, train_config, data, test_data, dist_ctx, stored, identity)
             log = RunLog(run_dir, main, purge_step=state.step + 1 if stored is not None else None)
             _describe(log, state, train_config, batches, stored, run_dir, resume)
@@ -123,6 +115,22 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
         lock.release()
         torch.use_deterministic_algorithms(previous)
         dist_ctx.close()
+
+
+def _claim(lock: RunLock, configs: tuple, resume: bool, seen: Optional[tuple], stored: Optional[dict]):
+    """Rank 0: take the run directory's lock, read the checkpoint to resume from again if it changed
+    since ``seen`` (or when starting afresh: no other process can write the directory now), write
+    both ``configs`` and return what to resume from."""
+    run_dir = lock.run_dir
+    lock.acquire()
+    try:
+        if not resume or _file_version(run_dir / "checkpoint.pt") != seen:
+            stored = checkpoint_to_resume(run_dir, *configs, resume)
+    except RunDirError:
+        lock.release(keep=False)
+        raise
+    write_configs(run_dir, *configs)
+    return stored
 
 
 def _file_version(path: Path) -> Optional[tuple]:
