@@ -367,11 +367,13 @@ def split_of(checkpoint: Union[str, Path], config: NVAEConfig, split: str, datas
     data set whose images do not fit the model is a clear error. ``options`` go to
     :func:`nvae.data.build_dataset` (e.g. ``flip=False``)."""
     from .data import build_dataset, check_images_fit
+    from .data.registry import native_shape
     recorded, recorded_root = (None, None) if dataset and root else data_of(checkpoint)
     name = dataset or recorded
     folder = root or (recorded_root if name == recorded else None)
-    data = build_dataset(name, split, folder, image_size=config.image_size, channels=config.in_channels, **options)
-    return name, check_images_fit(data, config, name)
+    if native_shape(name) is None:   # resized to the model's size; a fixed shape is checked below
+        options = {"image_size": config.image_size, "channels": config.in_channels, **options}
+    return name, check_images_fit(build_dataset(name, split, folder, **options), config, name)
 
 
 def data_of(checkpoint: Union[str, Path]) -> Tuple[str, Optional[str]]:

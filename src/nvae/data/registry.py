@@ -37,6 +37,12 @@ def register(name: str, shape: Optional[Tuple[int, int, int]] = None):
     return wrap
 
 
+def native_shape(name: str) -> Optional[Tuple[int, int, int]]:
+    """(C, H, W) of a data set that comes in one shape only; None for those that resize (or unknown names)."""
+    entry = _REGISTRY.get(name)
+    return None if entry is None else entry.shape
+
+
 def available() -> list:
     """Names of the registered data sets."""
     return sorted(_REGISTRY)

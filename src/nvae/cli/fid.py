@@ -1,0 +1,154 @@
+"""``nvae fid-stats`` and ``nvae fid``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_weights_arg, count, device, load, non_negative, positive
+
+
+_FID_WEIGHTS_HELP = ("local copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                     "(required; nothing is downloaded)")
+
+
+def cmd_fid_stats(args: argparse.Namespace) -> int:
+    """``nvae fid-stats``: Inception statistics of a data set's split(s), written to ``--output``."""
+    from ..fid import NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, dataset_statistics, save_statistics
+    from ..fid_protocol import stats_dataset, stats_splits
+
+    if args.inception_weights is None:
+        raise FIDError(NO_WEIGHTS_MESSAGE)
+    if not str(args.output).endswith(".npz"):
+        raise FIDError(f"--output must end in .npz (pytorch-fid recognises statistics by it), got {args.output}")
+    if args.max_images is not None and args.max_images < 2:
+        raise FIDError(f"--max-images must be at least 2, got {args.max_images}")
+    if args.subset_seed is not None and args.max_images is None:
+        raise FIDError("--subset-seed picks --max-images N images at random; give --max-images too (the official "
+                       "script uses 50000)")
+    splits = stats_splits(args.dataset, args.split)
+    inception = InceptionFeatures(args.inception_weights, args.device, args.dims)
+    data = stats_dataset(args.dataset, splits, args.data, args.image_size)
+    mu, sigma = dataset_statistics(data, inception, batch_size=args.batch_size, max_images=args.max_images,
+                                   num_workers=args.num_workers, progress=not args.no_progress,
+                                   subset_seed=args.subset_seed)
+    n = len(data) if args.max_images is None else min(args.max_images, len(data))
+    out = save_statistics(args.output, mu, sigma)
+    print(f"wrote {out}: {args.dims} Inception features of {n} images of {args.dataset} ({'+'.join(splits)})")
+    return 0
+
+
+def _fid_protocol(args: argparse.Namespace, num_groups: int):
+    """The :class:`~nvae.fid_protocol.FIDProtocol` the arguments ask for (its default from the checkpoint)."""
+    from ..fid_protocol import FIDProtocol, default_protocol
+    t = args.temperature
+    # A schedule becomes its per-group list (a plain number stays one), so the JSON and file names can hold it.
+    t = t.values[0] if t.kind == "constant" else t.resolve(num_groups)
+    return FIDProtocol(name=args.protocol or default_protocol(args.checkpoint), temperature=t,
+                       readjust_bn=args.readjust_bn, readjust_steps=args.readjust_steps,
+                       readjust_batch=args.readjust_batch, num_samples=args.num_samples,
+                       batch_size=args.batch_size, seed=args.seed, reduction=args.reduction)
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    """``nvae fid``: FID of a model's images (``--protocol``) against ``--stats``; prints and writes JSON.
+
+    Under torchrun every process draws its share of the batches and the Inception
+    statistics are reduced across processes; rank 0 writes the JSON.
+    """
+    import json
+    from datetime import timedelta
+
+    from ..distributed import init_distributed, waiting_for_peers
+    from ..fid import FEATURE_DIMS, NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, file_sha256, load_statistics
+    from ..fid_protocol import default_output_name, protocol_fid
+    from ..runs import check_output, write_json
+
+    if args.inception_weights is None:
+        raise FIDError(NO_WEIGHTS_MESSAGE)
+    mu, sigma = load_statistics(args.stats)
+    if mu.shape[0] not in FEATURE_DIMS:
+        raise FIDError(f"{args.stats} holds {mu.shape[0]} features; Inception gives one of {FEATURE_DIMS}")
+    ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
+    try:
+        inception = InceptionFeatures(args.inception_weights, ctx.device, dims=mu.shape[0])
+        model, ckpt, weights = load(args, str(ctx.device))
+        protocol = _fid_protocol(args, model.num_groups)
+        output = check_output(args.output or ckpt.with_name(default_output_name(protocol)), ".json")
+        if ctx.is_main and protocol.name == "official" and not protocol.readjust_bn and protocol.temperature != 1:
+            print(f"nvae: note: under --protocol official the images are drawn at t=1; -t {protocol.temperature} "
+                  "only sets the temperature of --readjust-bn, which is off", file=sys.stderr)
+        with waiting_for_peers("the FID sampling", ctx):
+            # EMA and raw weights keep their BN caches apart (see nvae sample)
+            cache = ckpt if weights == "raw" else ckpt.with_name(f"{ckpt.stem}_ema{ckpt.suffix}")
+            result = protocol_fid(model, protocol, inception, (mu, sigma), checkpoint=cache, dist_ctx=ctx,
+                                  progress=not args.no_progress)
+        if ctx.is_main:
+            out = {"checkpoint": str(ckpt), "weights": weights, **result, "stats": str(args.stats),
+                   "dims": int(mu.shape[0]),
+                   "inception_weights": str(args.inception_weights),
+                   "inception_weights_sha256": file_sha256(args.inception_weights)}
+            write_json(output, out)
+            print(json.dumps(out, indent=2))
+    finally:
+        ctx.close()
+    return 0
+
+
+def add_fid_parsers(sub) -> None:
+    """Add the ``fid-stats`` and ``fid`` commands to ``sub`` (an argparse subparsers object)."""
+    from ..fid import FEATURE_DIMS, REDUCTIONS
+    from ..fid_protocol import PROTOCOLS
+    from ..temperature import HELP, TemperatureSchedule, temperature_arg
+    p = sub.add_parser("fid-stats", help="Inception statistics of a data set for FID (.npz, pytorch-fid format)")
+    p.add_argument("--dataset", required=True, help="data set name (as for training)")
+    p.add_argument("--data", default=None, help="folder holding the data set's files")
+    p.add_argument("--split", "--splits", dest="split", default=None, metavar="train|test|train,test",
+                   help="split(s), merged in that order (default: as the official script, train,test for "
+                        "celebahq256 and omniglot, train for the others)")
+    p.add_argument("--image-size", type=count, default=None,
+                   help="side of the images for resizable data sets (default: the data set's); use the model's")
+    p.add_argument("--inception-weights", default=None, metavar="PATH", help=_FID_WEIGHTS_HELP)
+    p.add_argument("--output", "-o", required=True, help="statistics file to write (.npz)")
+    p.add_argument("--max-images", type=count, default=None, help="use only the first N images")
+    p.add_argument("--subset-seed", type=int, default=None, metavar="SEED",
+                   help="with --max-images N: N images drawn at random (seeded) instead of the first N")
+    p.add_argument("--dims", type=int, default=2048, choices=FEATURE_DIMS,
+                   help="Inception features (2048: standard FID)")
+    p.add_argument("--batch-size", type=count, default=50)
+    p.add_argument("--num-workers", type=non_negative, default=0, help="data loader worker processes")
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fid_stats)
+
+    p = sub.add_parser("fid", help="FID of the model's images against data statistics (JSON)")
+    p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
+    p.add_argument("--stats", required=True, help="data statistics from nvae fid-stats (or pytorch-fid's .npz)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH", help=_FID_WEIGHTS_HELP)
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="official: draw at t=1, feed the means of p(x|z), -t only for --readjust-bn; ours: draw at "
+                        "-t, feed samples (Bernoulli means for binary data). Default: official for a checkpoint "
+                        "of the official code, ours otherwise")
+    p.add_argument("-n", "--num-samples", type=count, default=50000, help="number of images (default 50000)")
+    p.add_argument("--temperature", "-t", type=temperature_arg, default=TemperatureSchedule.constant(1.0),
+                   help=HELP + " (default 1.0)")
+    p.add_argument("--readjust-bn", action="store_true",
+                   help="re-estimate the decoder's BN statistics at -t first (cached beside the checkpoint)")
+    p.add_argument("--readjust-steps", type=count, default=500)
+    p.add_argument("--readjust-batch", type=count, default=None,
+                   help="samples per re-adjustment step (default: 2 official, 36 ours as nvae sample)")
+    p.add_argument("--batch-size", type=count, default=100, help="images per batch (a batch's seed: --seed, index)")
+    p.add_argument("--reduction", choices=REDUCTIONS, default="pooled",
+                   help="under torchrun: pooled = statistics of all images (any number of processes gives the "
+                        "same), average = mean of the processes' statistics (the official code's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=device, default="cpu",
+                   help="torch device; under torchrun cuda means cuda:LOCAL_RANK")
+    p.add_argument("--dist-timeout", type=positive, default=5.0, metavar="MINUTES",
+                   help="under torchrun: how long a process waits for the others")
+    p.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_weights_arg(p)
+    p.set_defaults(func=cmd_fid)
+
+
+add_parsers = add_fid_parsers   # the name every command module of this package gives it
