@@ -231,3 +231,20 @@ def test_bad_latent_commands_are_one_line_and_write_nothing(argv, message, model
     err = capsys.readouterr().err
     assert err.startswith("nvae: error:") and message in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_keep_groups_takes_a_per_group_schedule_for_the_groups_not_kept():
+    """The prior groups of a partial-posterior row follow a schedule: temperature 0 in the groups not kept
+    gives their prior means, so the row is deterministic whatever the generator."""
+    from nvae.temperature import parse_temperature
+    torch.manual_seed(0)
+    model = NVAE(NVAEConfig.preset("digits", num_channels_enc=4, num_channels_dec=4)).eval()
+    x = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    n = model.num_groups
+    zero = parse_temperature(",".join(["0"] * n))
+    a = partial_posterior_grid(model, x, [1], zero, torch.Generator().manual_seed(1))
+    b = partial_posterior_grid(model, x, [1], zero, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    ramp = partial_posterior_grid(model, x, [1], parse_temperature("linear:0:1"), torch.Generator().manual_seed(1))
+    listed = partial_posterior_grid(model, x, [1], [i / (n - 1) for i in range(n)], torch.Generator().manual_seed(1))
+    assert torch.equal(ramp, listed) and not torch.equal(ramp, a)

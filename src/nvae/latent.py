@@ -152,16 +152,16 @@ class Given:
 
 class PartialPosterior:
     """The first ``keep`` groups from q(z|x) (at ``posterior_temperature``, through the flows),
-    the others from the prior at ``temperature`` (vdvae's partial reconstructions: what each
-    depth of the hierarchy holds)."""
+    the others from the prior, group ``l`` at ``temperatures[l]`` (vdvae's partial reconstructions:
+    what each depth of the hierarchy holds)."""
 
-    def __init__(self, keep: int, temperature: float = 1.0, posterior_temperature: float = 0.0,
+    def __init__(self, keep: int, temperatures: Sequence[float], posterior_temperature: float = 0.0,
                  generator: Optional[torch.Generator] = None):
         self.keep = keep
         self.posterior = FromPosterior(posterior_temperature, generator)
-        self.temperature, self.generator = temperature, generator
+        self.prior = FromPrior(temperatures, generator)
 
     def __call__(self, index: int, group: LatentGroup, prior: Normal, posterior: Optional[Normal]) -> torch.Tensor:
         if index < self.keep:
             return self.posterior(index, group, prior, posterior)
-        return prior.sample(self.temperature, self.generator)
+        return self.prior(index, group, prior, posterior)

@@ -59,7 +59,7 @@ from .checkpoint import atomic_write, model_fingerprint
 from .data import prepare_batch
 from .evaluate import kl_statistics
 from .latent import FromPosterior, LatentGroup
-from .model import NVAE, training_mode
+from .model import NVAE, Temperature, training_mode
 
 log = logging.getLogger(__name__)
 
@@ -383,10 +383,11 @@ def decode_to_file(model: NVAE, latents: Latents, output: Union[str, Path], batc
 
 # ----------------------------------------------------------------------------- partial posteriors
 @torch.no_grad()
-def partial_posterior_grid(model: NVAE, x: torch.Tensor, keep: Sequence[int], temperature: float = 1.0,
+def partial_posterior_grid(model: NVAE, x: torch.Tensor, keep: Sequence[int], temperature: Temperature = 1.0,
                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """vdvae's figure: the inputs, then for each ``k`` in ``keep`` the images decoded with the first ``k``
-    groups at their posterior means and the rest from the prior at ``temperature``.
+    groups at their posterior means and the rest from the prior at ``temperature`` (one, a per-group list or
+    a schedule).
 
     Returns (1 + len(keep), B, C, H, W) in [0, 1]: row 0 the prepared inputs ``x``, the others the mean of
     p(x|z). Every row starts from the same state of ``generator``, so the rows differ only by what the

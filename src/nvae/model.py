@@ -321,15 +321,16 @@ class NVAE(nn.Module):
         return self.top_down(latents[0].shape[0], Given(latents))
 
     @torch.no_grad()
-    def partial_posterior_logits(self, x: torch.Tensor, keep: int, temperature: float = 1.0,
+    def partial_posterior_logits(self, x: torch.Tensor, keep: int, temperature: Temperature = 1.0,
                                  posterior_temperature: float = 0.0,
                                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Parameters of p(x|z) with the first ``keep`` groups from q(z|x) (at ``posterior_temperature``,
-        0: the means) and the rest from the prior at ``temperature``: what the top ``keep`` groups
-        say about ``x``. ``keep = num_groups`` is the reconstruction, ``keep = 0`` a prior sample."""
+        0: the means) and the rest from the prior at ``temperature`` (one, a per-group list or a
+        schedule): what the top ``keep`` groups say about ``x``. ``keep = num_groups`` is the
+        reconstruction, ``keep = 0`` a prior sample."""
         if not 0 <= keep <= self.num_groups:
             raise ValueError(f"keep must be in 0..{self.num_groups} (the number of groups), got {keep}")
-        rule = PartialPosterior(keep, temperature, posterior_temperature, generator)
+        rule = PartialPosterior(keep, per_group(temperature, self.num_groups), posterior_temperature, generator)
         return self.top_down(x.shape[0], rule, self.encode(x))
 
     @torch.no_grad()

@@ -426,14 +426,15 @@ def partial_posterior_section(model, inputs: Optional[torch.Tensor], why: str,
 
 def _kl_from_json(run_dir: Path):
     """(KLStats, file name) from the first readable kl_stats*.json of the run, or (None, None)."""
-    from dataclasses import fields
+    from dataclasses import MISSING, fields
 
     from .evaluate import KLStats
     names = [f.name for f in fields(KLStats)]
+    required = [f.name for f in fields(KLStats) if f.default is MISSING]
     for path in sorted(run_dir.glob("kl_stats*.json")):
         content = _read_json(path)
-        if isinstance(content, dict) and all(n in content for n in names):
-            return KLStats(**{n: content[n] for n in names}), path.name
+        if isinstance(content, dict) and all(n in content for n in required):
+            return KLStats(**{n: content[n] for n in names if n in content}), path.name
     return None, None
 
 

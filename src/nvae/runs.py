@@ -368,7 +368,13 @@ def split_of(checkpoint: Union[str, Path], config: NVAEConfig, split: str, datas
     :func:`nvae.data.build_dataset` (e.g. ``flip=False``)."""
     from .data import build_dataset, check_images_fit
     from .data.registry import native_shape
-    recorded, recorded_root = (None, None) if dataset and root else data_of(checkpoint)
+    recorded, recorded_root = None, None
+    if not (dataset and root):
+        try:
+            recorded, recorded_root = data_of(checkpoint)
+        except ValueError:
+            if not dataset:   # nothing recorded and nothing given
+                raise
     name = dataset or recorded
     folder = root or (recorded_root if name == recorded else None)
     if native_shape(name) is None:   # resized to the model's size; a fixed shape is checked below

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import List
 
-from .common import (add_eval_data_args, add_weights_arg, count, device, eval_data, load, non_negative, positive,
-                     temperature)
+from .common import (add_eval_data_args, add_weights_arg, count, device, eval_data, load, non_negative, positive)
 
 
 def _sample_temperatures(args: argparse.Namespace) -> list:
@@ -94,7 +93,11 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from ..sampling import reconstructions
     if args.keep_groups is not None:
         return _cmd_partial_posterior(args)
-    t = 0.0 if args.temperature is None else args.temperature
+    t = args.temperature
+    if t is not None and t.kind != "constant":
+        raise ValueError(f"-t {t} is a per-group schedule: it sets the prior temperature of --keep-groups grids; "
+                         "a reconstruction takes one posterior temperature")
+    t = 0.0 if t is None else t.values[0]
     model, ckpt, weights = load(args)
     print(f"{weights} weights of {ckpt}")
     out = check_output(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{t:g}.png"), ".png")
@@ -125,18 +128,22 @@ def _cmd_partial_posterior(args: argparse.Namespace) -> int:
     from ..data import prepare_batch
     from ..latents import partial_posterior_grid
     from ..runs import check_output
+    from ..sampling import temperature_name
+    from ..temperature import TemperatureSchedule
     keep = _parse_keep_groups(args.keep_groups)
-    t = 1.0 if args.temperature is None else args.temperature
+    t = TemperatureSchedule.constant(1.0) if args.temperature is None else args.temperature
     model, ckpt, weights = load(args)
     print(f"{weights} weights of {ckpt}")
-    out = check_output(args.output or ckpt.with_name(f"partial_posterior_{args.split}_t{t:g}.png"), ".png")
+    t.resolve(model.num_groups)   # a list of the wrong length fails here, before anything is written
+    name = f"partial_posterior_{args.split}_{temperature_name(t)}.png"
+    out = check_output(args.output or ckpt.with_name(name), ".png")
     _, data = eval_data(args, ckpt, model)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
     grid = partial_posterior_grid(model, prepare_batch(x, model.config, gen), keep, t, gen)
     save_png(grid.flatten(0, 1), out, nrow=grid.shape[1])
     print(f"wrote {out}: rows are the inputs, then for K = {','.join(map(str, keep))} the first K of "
-          f"{model.num_groups} groups from q(z|x) (means) and the rest from the prior at t={t:g}")
+          f"{model.num_groups} groups from q(z|x) (means) and the rest from the prior at t={t}")
     return 0
 
 
@@ -194,9 +201,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("reconstruct", help="inputs beside their reconstructions (PNG)")
     add_eval_data_args(p)
     p.add_argument("-n", type=count, default=32, help="number of inputs")
-    p.add_argument("--temperature", "-t", type=temperature, default=None,
+    p.add_argument("--temperature", "-t", type=temperature_arg, default=None,
                    help="posterior temperature: 0 = posterior means (default), 1 = posterior samples; "
-                        "with --keep-groups: the prior temperature of the other groups (default 1)")
+                        "with --keep-groups: the prior temperature of the other groups (default 1), which may "
+                        "be a schedule: " + HELP)
     p.add_argument("--keep-groups", default=None, metavar="K,K,...",
                    help="one grid: the inputs, then per K a row with the first K groups (coarsest first) at their "
                         "posterior means and the rest from the prior at -t")
