@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import nvae.data
 from nvae import NVAE, NVAEConfig
 from nvae.cli import main
 from nvae.data import DataError, build_dataset
@@ -152,9 +151,7 @@ def test_the_eval_json_names_the_file_and_count(tmp_path, monkeypatch, capsys):
     data.mkdir()
     for fname, n in (("train.lmdb", 2), ("validation.lmdb", 3), ("test.lmdb", 4)):
         _put(data / fname, [a.tobytes() for a in _pixels(n, 8, n)])
-    real = nvae.data.build_dataset
-    monkeypatch.setattr(nvae.data, "build_dataset", lambda *a, **kw: real(*a, image_size=8, **kw))
-    out = tmp_path / "eval.json"
+    out = tmp_path / "eval.json"   # the images come at the model's size (8), as every command reads them
     assert main(["eval", str(tmp_path / "checkpoint.pt"), "--dataset", "imagenet32", "--data", str(data), "-k", "2",
                  "--batch-size", "3", "--output", str(out), "--save-every", "0"]) == 0
     result = json.loads(out.read_text())
@@ -182,3 +179,21 @@ def test_torchvision_celeba_is_evaluated_on_its_validation_partition(tmp_path, m
     _same_as(ev, valid, _official_celeba64(flip=False))
     assert "partition 'valid'" in ev.source_description and ev.source_description.endswith("3 images")
     assert len(build_dataset("celeba64", "train", str(tmp_path))) == 2
+
+
+def test_train_then_eval_on_an_official_layout_without_naming_the_data_again(tmp_path, capsys):
+    """`nvae train --data DIR` on train.lmdb / validation.lmdb, then `nvae eval RUN`: the folder the run recorded,
+    its validation.lmdb, at the model's size."""
+    data = tmp_path / "imagenet-oord-lmdb_8"
+    data.mkdir()
+    for fname, n in (("train.lmdb", 8), ("validation.lmdb", 3), ("test.lmdb", 5)):
+        _put(data / fname, [a.tobytes() for a in _pixels(n, 12, n)])
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "digits", "--train", "dataset=imagenet32", "--train", "batch_size=4",
+                 "--model", "in_channels=3", "--model", "num_channels_enc=4", "--model", "num_channels_dec=4",
+                 "--data", str(data), "--max-steps", "1", "--eval-every", "0", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "-k", "2", "--save-every", "0"]) == 0
+    result = json.loads((run / "eval_test_K2.json").read_text())
+    assert result["dataset"] == "imagenet32" and result["num_images"] == 3
+    assert result["data_source"].startswith(f"LMDB {data}/validation.lmdb (raw 12x12x3 uint8 pixels)")
