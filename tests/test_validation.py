@@ -95,7 +95,8 @@ def test_bits_per_dim_of_mnist_are_over_the_28x28_pixels_the_official_code_count
 
 
 def test_the_train_command_sets_the_schedule_and_a_resumed_run_may_change_it(tmp_path, capsys):
-    from nvae.cli import _train_overrides, build_parser, main
+    from nvae.cli import build_parser, main
+    from nvae.cli.training import _train_overrides
     from nvae.runs import check_same_run
     args = build_parser().parse_args(["train", "--eval-every", "0", "--eval-samples", "5",
                                       "--final-eval-samples", "0"])
