@@ -27,6 +27,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited_lmdb_envs)
 
 
+def shared_env(path: Path):
+    """This process's one read-only environment of the LMDB at ``path`` (a folder holding ``data.mdb``, or
+    the file), opened on first use and reopened in forked children."""
+    key = str(path.resolve())
+    if key not in _LMDB_ENVS:
+        import lmdb
+        try:
+            _LMDB_ENVS[key] = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False,
+                                        subdir=path.is_dir(), max_readers=512)
+        except lmdb.Error as e:
+            raise DataError(f"cannot open LMDB {path} ({e}); check the path and its permissions") from None
+    return _LMDB_ENVS[key]
+
+
 class _LMDBSource:
     """Images in an LMDB, one per record under its decimal index: encoded files (layout: see
     :func:`write_lmdb`) or raw square RGB pixels, told apart by the first record
@@ -61,15 +75,7 @@ class _LMDBSource:
         return Image.open(io.BytesIO(data))
 
     def _env(self):
-        key = str(self.path.resolve())
-        if key not in _LMDB_ENVS:
-            import lmdb
-            try:
-                _LMDB_ENVS[key] = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False,
-                                            subdir=self.path.is_dir(), max_readers=512)
-            except lmdb.Error as e:
-                raise DataError(f"cannot open LMDB {self.path} ({e}); check the path and its permissions") from None
-        return _LMDB_ENVS[key]
+        return shared_env(self.path)
 
     def name(self, key: str) -> str:
         return f"{self.path}[{key}]"

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from .binary import _data_dir
 from .registry import DataError, register
+from .lmdb_store import shared_env
 
 log = logging.getLogger(__name__)
 
@@ -40,27 +40,8 @@ LSUN_SIZES = (64, 128, 256)
 #: LSUN's split suffix for each of our splits.
 LSUN_SPLITS = {"train": "train", "test": "val"}
 
-# py-lmdb opens a file at most once per process, so every reader of one LMDB shares its environment.
-_ENVS: Dict[str, object] = {}
-
-
-def _close_inherited_envs():
-    # An environment must not cross fork(): a forked DataLoader worker closes its copies of the parent's
-    # (which leaves the parent's open, and lets py-lmdb open the file again here) and opens its own on first use.
-    for env in _ENVS.values():
-        env.close()
-    _ENVS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_inherited_envs)
-
-
 def _env(path: str):
-    if path not in _ENVS:
-        import lmdb
-        _ENVS[path] = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
-    return _ENVS[path]
+    return shared_env(Path(path))
 
 
 def _lsun_db(root: Path, category: str, split: str) -> Path:
