@@ -25,7 +25,7 @@ import torch
 
 from nvae.cells import cell_roles
 from nvae.objective import nvae_loss
-from nvae.runtime import tune_cpu_allocator
+from nvae.runtime import describe_cpu, tune_cpu_allocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import setup  # noqa: E402  (the benchmark beside this one)
@@ -76,6 +76,7 @@ def main(argv=None) -> None:
             if round_:
                 times[text].append(time.perf_counter() - t0)
     base = statistics.median(times[options[0][0]])
+    print(f"# {describe_cpu()}")
     print(f"preset={a.preset} batch={a.batch}{' channels-last' if a.channels_last else ''} rounds={a.rounds}")
     for text, ts in times.items():
         med = statistics.median(ts)

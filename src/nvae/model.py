@@ -24,6 +24,7 @@ from .checkpoint import load_model, save_model
 from .config import ARCH_INSTANCES, NVAEConfig
 from .distributions import output_distribution, sum_log_prob
 from .flows import PairedFlowCell
+from .inference import fused_inference
 from .keymap import modules_in_official_order
 from .latent import FromPosterior, FromPrior, Given, LatentGroup, PartialPosterior, PriorHead
 from .layers import WNConv2d
@@ -263,28 +264,36 @@ class NVAE(nn.Module):
         In eval mode it does not depend on the posterior samples, so importance
         sampling computes it once per image and reuses it for all K samples.
         """
-        s = self.stem(2 * x - 1.0)
-        for cell in self.preprocess:
-            s = cell(s)
-        features = []
-        for stage in self.encoder_stages:
-            s = stage(s)
-            features.append(s)
-        features[-1] = self.encoder0(features[-1])
+        with self._inference():
+            s = self.stem(2 * x - 1.0)
+            for cell in self.preprocess:
+                s = cell(s)
+            features = []
+            for stage in self.encoder_stages:
+                s = stage(s)
+                features.append(s)
+            features[-1] = self.encoder0(features[-1])
         return BottomUp(tuple(features[::-1]))
 
     def top_down(self, n: int, rule, bottom_up: Optional[BottomUp] = None) -> torch.Tensor:
         """Walk the decoder from ``h0`` for ``n`` images; group ``l`` takes
         ``z = rule(l, group, prior, posterior)`` (the posterior is None without ``bottom_up``).
         Returns the parameters of p(x|z)."""
-        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1)
-        for index, (cells, group) in enumerate(zip(self.decoder_stages, self.groups)):
-            s = cells(s)
-            prior, posterior = group.distributions(s, None if bottom_up is None else bottom_up.features[index])
-            s = group(s, rule(index, group, prior, posterior))
-        for cell in self.postprocess:
-            s = cell(s)
-        return self.output_head(s)
+        with self._inference():
+            s = self.h0.unsqueeze(0).expand(n, -1, -1, -1)
+            for index, (cells, group) in enumerate(zip(self.decoder_stages, self.groups)):
+                s = cells(s)
+                prior, posterior = group.distributions(s, None if bottom_up is None else bottom_up.features[index])
+                s = group(s, rule(index, group, prior, posterior))
+            for cell in self.postprocess:
+                s = cell(s)
+            return self.output_head(s)
+
+    def _inference(self):
+        # Evaluation without autograd: the separable cells run with BN folded into their
+        # convolutions (nvae.inference); the same values up to rounding, in fewer passes.
+        return fused_inference(self, not self.training and not torch.is_grad_enabled()
+                               and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor, temperature: float = 1.0,
                 generator: Optional[torch.Generator] = None, bottom_up: Optional[BottomUp] = None) -> NVAEOutput:
