@@ -232,6 +232,7 @@ class NVAE(nn.Module):
         convs = [m for module in modules_in_official_order(self) for m in module.modules() if isinstance(m, nn.Conv2d)]
         self.spectral = SpectralRegularizer(convs, weight_of=memory.forward_weight)
         memory.reuse_forward_weights(self)
+        self.fold_inference = True
 
     # ------------------------------------------------------------- properties
     @property
@@ -292,7 +293,7 @@ class NVAE(nn.Module):
     def _inference(self):
         # Evaluation without autograd: the separable cells run with BN folded into their
         # convolutions (nvae.inference); the same values up to rounding, in fewer passes.
-        return fused_inference(self, not self.training and not torch.is_grad_enabled()
+        return fused_inference(self, self.fold_inference and not self.training and not torch.is_grad_enabled()
                                and not torch.compiler.is_compiling())
 
     def forward(self, x: torch.Tensor, temperature: float = 1.0,
@@ -418,6 +419,15 @@ class NVAE(nn.Module):
         Composes with :meth:`set_checkpointing`.
         """
         memory.set_recompute_bn(self, enabled)
+        return self
+
+    def set_fused_inference(self, enabled: bool = True) -> "NVAE":
+        """In evaluation without autograd, run the separable cells with BN folded into their
+        convolutions and Swish as oneDNN's post-op (:mod:`nvae.inference`; on by default).
+
+        The same values up to rounding; off computes op by op, as in training.
+        """
+        self.fold_inference = bool(enabled)
         return self
 
     # ---------------------------------------------------------- regularisers
