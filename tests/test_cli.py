@@ -51,6 +51,17 @@ def test_presets_command_lists_every_preset(capsys):
         assert name in out
 
 
+def test_a_reader_that_goes_away_is_not_an_error():
+    """``nvae presets | head -0``: the closed pipe ends the command quietly with status 0."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "nvae", "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait() == 0, err
+    assert err == ""
+
+
 def test_memory_options_reach_the_run(tmp_path, monkeypatch):
     """--recompute-bn and --checkpointing are recorded in the run and switched on in the model it trains."""
     import nvae.train as train_mod

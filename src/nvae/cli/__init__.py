@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -26,10 +27,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as e:   # a usage error (one line already said) or --help: the status, as every command
         return e.code if isinstance(e.code, int) else 2
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()   # here, where a closed pipe is handled below, not at exit
+        return status
     except KeyboardInterrupt:
         print("nvae: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``nvae presets | head``): not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as e:
         if args.debug:
             raise

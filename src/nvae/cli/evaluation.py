@@ -33,7 +33,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                             max_images=args.max_images, seed=args.seed, save_every=args.save_every or 10)
         resumable = PartialFile(partial, args.resume, {"dataset": dataset, "split": args.split}) if partial else None
         with waiting_for_peers("the evaluation", ctx):
-            result = evaluate(model, data, config, dist_ctx=ctx, partial=resumable, progress=ctx.is_main)
+            result = evaluate(model, data, config, dist_ctx=ctx, partial=resumable,
+                              progress=ctx.is_main and args.progress)
         if ctx.is_main:
             out = {"checkpoint": str(ckpt), "weights": weights, "dataset": dataset, "split": args.split,
                    "seed": args.seed,
@@ -93,6 +94,7 @@ def add_parsers(sub) -> None:
                    help="torch device; under torchrun cuda means cuda:LOCAL_RANK")
     p.add_argument("--dist-timeout", type=positive, default=5.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_weights_arg(p)
     p.set_defaults(func=_cmd_eval)
 

@@ -64,7 +64,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if main_process:
         print(f"{'resuming' if args.resume else 'training'} {name} on {train_cfg.dataset} -> {run_dir}")
     try:
-        train(model_cfg, train_cfg, run_dir, data_root=args.data, device=args.device, resume=bool(args.resume))
+        train(model_cfg, train_cfg, run_dir, data_root=args.data, device=args.device, resume=bool(args.resume),
+              progress=args.progress)
     except TrainingInterrupted as e:
         if main_process:
             print(f"nvae: stopped by {e.signal_name} at step {e.step}; checkpoint written to {e.checkpoint}. "
@@ -93,6 +94,7 @@ def add_parsers(sub) -> None:
                    help="continue the run in RUN (or --run-dir) from its last checkpoint, exactly")
     p.add_argument("--checkpoint-every", type=count, default=None, help="write checkpoint.pt every N steps")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--strict-data", action="store_true",
                    help="stop on an unreadable image or a wrong channel count (default: skip or convert, and warn)")
     p.add_argument("--epochs", type=count, default=None)
