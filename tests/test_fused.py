@@ -33,7 +33,7 @@ def _saved_bytes(fn):
 @pytest.mark.parametrize("swish", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("conv_kind", ["wn3x3", "depthwise5", "strided1x1", "pointwise", "dilated3x3", "grouped3x3",
-                                       "valid3x3"])
+                                       "valid3x3", "depthwise5_small_map"])
 def test_chain_matches_the_plain_modules(swish, channels_last, conv_kind):
     torch.manual_seed(0)
     c = 8
@@ -43,7 +43,7 @@ def test_chain_matches_the_plain_modules(swish, channels_last, conv_kind):
         bn.bias.uniform_(-0.5, 0.5)
     if conv_kind == "wn3x3":
         conv = WNConv2d(c, 12, 3, padding=1)
-    elif conv_kind == "depthwise5":
+    elif conv_kind.startswith("depthwise5"):   # on a 4x4 map its weight gradient is summed by offset
         conv = nn.Conv2d(c, c, 5, padding=2, groups=c, bias=False)
     elif conv_kind == "strided1x1":
         conv = nn.Conv2d(c, 6, 1, stride=2, bias=False)
@@ -56,7 +56,8 @@ def test_chain_matches_the_plain_modules(swish, channels_last, conv_kind):
     else:                               # no padding: the input gradient convolution pads by k - 1
         conv = nn.Conv2d(c, 12, 3, padding=0)
     bn_ref, conv_ref = copy.deepcopy(bn), copy.deepcopy(conv)
-    x = torch.randn(4, c, 10, 10) * 3 + 1
+    size = 4 if conv_kind.endswith("small_map") else 10
+    x = torch.randn(4, c, size, size) * 3 + 1
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x_ref = x.clone().requires_grad_()

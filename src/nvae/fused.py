@@ -10,7 +10,9 @@ recomputation costs time (5-7% of a ``mnist_small`` or ``mnist`` step on two CPU
 threads, ``benchmarks/step_ratios.py``), so it is a switch, ``NVAE.set_recompute_bn``
 (:mod:`nvae.memory`), like gradient checkpointing. The backward pass keeps at most three expanded
 tensors alive at once, and for stride-1 convolutions it forms the input gradient
-as a forward convolution with the transposed kernel (see :func:`_transposed_conv`).
+as a forward convolution with the transposed kernel (see :func:`_transposed_conv`);
+a depthwise convolution on a small map takes the weight gradient of
+:mod:`nvae.depthwise`, as it does without this option.
 
 The forward values and the running-statistics update are exactly those of
 ``conv(act(bn(x)))`` (the same kernels run); the gradients agree to rounding
@@ -30,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .depthwise import depthwise_weight_grad, takes_offset_sums
 
 
 class _BNActConv(torch.autograd.Function):
@@ -69,9 +72,12 @@ class _BNActConv(torch.autograd.Function):
         # Only channels-last gains: in NCHW oneDNN's two kernels run at the same speed.
         transposed = (_transposed_conv(w_conv, stride, padding, dilation, groups)
                       if need_s and grad_out.is_contiguous(memory_format=torch.channels_last) else None)
+        offsets = need[8] and takes_offset_sums(s_conv, w_conv, stride, padding, dilation, groups)
         grad_s, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out, s_conv, w_conv, bias_shape, _pair(stride), _pair(padding), _pair(dilation), False, [0, 0],
-            groups, [need_s and transposed is None, need[8], bias_shape is not None and need[9]])
+            groups, [need_s and transposed is None, need[8] and not offsets, bias_shape is not None and need[9]])
+        if offsets:
+            grad_w = depthwise_weight_grad(grad_out, s_conv, w_conv.shape[-2:], padding)
         del s_conv, w_conv
         grad_x = grad_g = grad_b_bn = None
         if need_s:

@@ -14,6 +14,9 @@ its parameters, buffers and state-dict keys, and moves back when the option is o
 - :func:`reuse_forward_weights` (always on in :class:`~nvae.model.NVAE`): spectral
   regularisation takes each weight-normalised weight from the forward pass instead of
   normalising twice, as the official code does.
+- :func:`small_map_depthwise` (always on in :class:`~nvae.model.NVAE`): depthwise
+  convolutions on small feature maps sum their weight gradient by kernel offset
+  (:mod:`nvae.depthwise`) instead of oneDNN's slow general kernel.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cells import Cell, InvertedResidual, ResConv
 from .config import cell_roles
+from .depthwise import DepthwiseConv2d
 from .fused import bn_act_conv
 from .layers import WNConv2d
 
@@ -177,3 +181,11 @@ def forward_weight(conv: nn.Conv2d) -> torch.Tensor:
     if isinstance(conv, _ForwardWeight):
         return conv.take_forward_weight()
     return conv.normalized_weight() if isinstance(conv, WNConv2d) else conv.weight
+
+
+# --------------------------------------------------------- depthwise gradients
+def small_map_depthwise(model: nn.Module) -> None:
+    """Let every depthwise conv of ``model`` take :mod:`nvae.depthwise`'s weight gradient on small maps."""
+    for m in model.modules():
+        if type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
+            _move(m, DepthwiseConv2d)

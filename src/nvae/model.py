@@ -232,6 +232,7 @@ class NVAE(nn.Module):
         convs = [m for module in modules_in_official_order(self) for m in module.modules() if isinstance(m, nn.Conv2d)]
         self.spectral = SpectralRegularizer(convs, weight_of=memory.forward_weight)
         memory.reuse_forward_weights(self)
+        memory.small_map_depthwise(self)
         self.fold_inference = True
 
     # ------------------------------------------------------------- properties

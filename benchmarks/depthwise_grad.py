@@ -1,0 +1,75 @@
+"""The depthwise convolutions' weight gradient: oneDNN against sums by kernel offset, at every shape of a model.
+
+    python benchmarks/depthwise_grad.py --preset mnist_small --batch 32 --threads 2
+    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/depthwise_grad.py ...
+
+For each distinct depthwise convolution one training forward pass of the preset
+applies (channels-last, as ``--channels-last`` trains), prints the median time of
+its weight gradient by oneDNN (``aten.convolution_backward``, weight only) and by
+:func:`nvae.depthwise.depthwise_weight_grad`, their ratio, the largest difference,
+and which one training uses (:data:`nvae.depthwise.SMALL_MAP`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conv_kernels import model_conv_shapes  # noqa: E402
+
+from nvae import NVAEConfig  # noqa: E402
+from nvae.config import parse_overrides  # noqa: E402
+from nvae.depthwise import SMALL_MAP, depthwise_weight_grad  # noqa: E402
+from nvae.runtime import describe_cpu  # noqa: E402
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mnist_small")
+    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="override an NVAEConfig field")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=10)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = NVAEConfig.preset(a.preset, **parse_overrides(a.model, NVAEConfig))
+    shapes = [s for s in model_conv_shapes(cfg, a.batch) if s.groups == s.c_in == s.c_out and s.groups > 1
+              and s.stride == (1, 1) and s.dilation == (1, 1)]
+    print(f"# {describe_cpu()}")
+    print(f"preset={a.preset} batch={a.batch} channels-last: depthwise weight gradient, median of {a.repeats}")
+    print(f"{'shape':>34s} {'oneDNN ms':>10s} {'offsets ms':>10s} {'ratio':>6s} {'max diff':>9s}  training uses")
+    for s in shapes:
+        x = torch.randn(s.batch, s.c_in, *s.size).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(s.c_out, 1, *s.kernel).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(s.batch, s.c_out, *s.size).contiguous(memory_format=torch.channels_last)
+
+        def onednn():
+            return torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], list(s.padding), [1, 1], False,
+                                                       [0, 0], s.groups, [False, True, False])[1]
+
+        def offsets():
+            return depthwise_weight_grad(g, x, s.kernel, s.padding)
+
+        diff = (onednn() - offsets()).abs().max().item()
+        t_dnn, t_off = _median_ms(onednn, a.repeats), _median_ms(offsets, a.repeats)
+        uses = "offsets" if s.size[0] * s.size[1] <= SMALL_MAP else "oneDNN"
+        print(f"{s.label():>34s} {t_dnn:10.2f} {t_off:10.2f} {t_dnn / t_off:5.2f}x {diff:9.1e}  {uses}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
