@@ -27,7 +27,8 @@ def test_unknown_option_part_is_a_clear_error():
 
 def test_tiny_run_prints_a_ratio_per_option(capsys):
     step_ratios.main(["plain", "recompute-bn+checkpointing=normal_post", "--batch", "2", "--rounds", "1"])
-    lines = capsys.readouterr().out.splitlines()
+    cpu, *lines = capsys.readouterr().out.splitlines()
+    assert cpu.startswith("# ") and "thread(s)" in cpu      # the machine beside the figures
     assert lines[0].startswith("preset=mnist_small batch=2")
     assert lines[1].startswith("plain") and lines[1].endswith("x1.00")
     assert lines[2].startswith("recompute-bn+checkpointing=normal_post") and " x" in lines[2]
