@@ -96,6 +96,9 @@ def main(argv=None) -> None:
     tune_cpu_allocator()
     torch.set_num_threads(a.threads)
     shapes = chain_shapes(a.preset, a.batch, not a.nchw)
+    # One compiled graph per shape, as a model compiled for fixed shapes would have: more than
+    # dynamo's default limit of recompilations of one function.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(shapes))
     compiled = torch.compile(bn_swish, dynamic=False)
     print(f"# {describe_cpu()}")
     print(f"preset={a.preset} batch={a.batch} {'NCHW' if a.nchw else 'channels-last'}: "

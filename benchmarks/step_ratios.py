@@ -10,7 +10,9 @@ memory is per process: measure it with ``train_step.py``.)
         plain recompute-bn recompute-bn+checkpointing=normal_post,up_post
 
 An option is ``plain`` or ``+``-joined parts: ``recompute-bn``,
-``checkpointing`` (every cell) or ``checkpointing=ROLE,ROLE``.
+``checkpointing`` (every cell) or ``checkpointing=ROLE,ROLE``, and
+``onednn-depthwise`` (every depthwise weight gradient by oneDNN, none summed by
+kernel offset: what :mod:`nvae.depthwise` saves).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from nvae import depthwise
 from nvae.cells import cell_roles
 from nvae.objective import nvae_loss
 from nvae.runtime import describe_cpu, tune_cpu_allocator
@@ -34,23 +37,26 @@ DEFAULT_OPTIONS = ["plain", "recompute-bn", "recompute-bn+checkpointing=normal_p
                    "recompute-bn+checkpointing=normal_post,up_post,normal_dec,up_dec"]
 
 
-def parse_option(text: str) -> Tuple[bool, bool, Optional[List[str]]]:
-    """``(recompute_bn, checkpointing, roles)`` of an option string."""
-    recompute, ckpt, roles = False, False, None
+def parse_option(text: str) -> Tuple[bool, bool, Optional[List[str]], int]:
+    """``(recompute_bn, checkpointing, roles, small_map)`` of an option string (``small_map``:
+    :data:`nvae.depthwise.SMALL_MAP` for the option)."""
+    recompute, ckpt, roles, small_map = False, False, None, depthwise.SMALL_MAP
     if text != "plain":
         for part in text.split("+"):
             name, _, value = part.partition("=")
             if name == "recompute-bn" and not value:
                 recompute = True
+            elif name == "onednn-depthwise" and not value:
+                small_map = 0
             elif name == "checkpointing":
                 try:
                     ckpt, roles = True, (list(cell_roles(value)) if value else None)
                 except ValueError as e:
                     raise SystemExit(f"error: {e}") from None
             else:
-                raise SystemExit(f"error: unknown option part {part!r} in {text!r}; "
-                                 "use plain, recompute-bn, checkpointing or checkpointing=ROLE,ROLE")
-    return recompute, ckpt, roles
+                raise SystemExit(f"error: unknown option part {part!r} in {text!r}; use plain, recompute-bn, "
+                                 "checkpointing, checkpointing=ROLE,ROLE or onednn-depthwise")
+    return recompute, ckpt, roles, small_map
 
 
 def main(argv=None) -> None:
@@ -61,20 +67,23 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=10, help="timed rounds (one step per option each)")
     p.add_argument("--channels-last", action="store_true")
     a = p.parse_args(argv)
+    default = depthwise.SMALL_MAP
     options = [(text, *parse_option(text)) for text in a.options]
     tune_cpu_allocator()
     _, model, opt, alpha, x = setup(a.preset, a.batch, torch.device("cpu"), a.channels_last)
     times = {text: [] for text, *_ in options}
     for round_ in range(a.rounds + 1):          # round 0 warms every option up
-        for text, recompute, ckpt, roles in options:
+        for text, recompute, ckpt, roles, small_map in options:
             model.set_recompute_bn(recompute)
             model.set_checkpointing(ckpt, roles)
+            depthwise.SMALL_MAP = small_map
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             nvae_loss(model, x, beta=0.5, lam=1e-2, alpha=alpha).loss.backward()
             opt.step()
             if round_:
                 times[text].append(time.perf_counter() - t0)
+    depthwise.SMALL_MAP = default
     base = statistics.median(times[options[0][0]])
     print(f"# {describe_cpu()}")
     print(f"preset={a.preset} batch={a.batch}{' channels-last' if a.channels_last else ''} rounds={a.rounds}")

@@ -11,11 +11,13 @@ _spec.loader.exec_module(step_ratios)
 
 
 def test_option_strings():
-    assert step_ratios.parse_option("plain") == (False, False, None)
-    assert step_ratios.parse_option("recompute-bn") == (True, False, None)
-    assert step_ratios.parse_option("checkpointing") == (False, True, None)
+    small = step_ratios.depthwise.SMALL_MAP
+    assert step_ratios.parse_option("plain") == (False, False, None, small)
+    assert step_ratios.parse_option("recompute-bn") == (True, False, None, small)
+    assert step_ratios.parse_option("checkpointing") == (False, True, None, small)
+    assert step_ratios.parse_option("onednn-depthwise+recompute-bn") == (True, False, None, 0)
     assert step_ratios.parse_option("recompute-bn+checkpointing=normal_post,up_post") == (
-        True, True, ["normal_post", "up_post"])
+        True, True, ["normal_post", "up_post"], small)
 
 
 def test_unknown_option_part_is_a_clear_error():
