@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from depthwise_grad import median_ms  # noqa: E402
 from train_step import setup  # noqa: E402
 
 from nvae.cells import InvertedResidual, ResConv  # noqa: E402
@@ -56,16 +57,6 @@ def chain_shapes(preset: str, batch: int, channels_last: bool) -> collections.Co
     return shapes
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
-
-
 def time_shape(shape, channels_last: bool, compiled, repeats: int):
     """``(eager ms, compiled ms, compile s, max gradient difference)`` of one chain's forward + backward."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -82,7 +73,7 @@ def time_shape(shape, channels_last: bool, compiled, repeats: int):
     compile_s = time.perf_counter() - t0
     want = step(bn_swish)
     diff = max((a - b).abs().max().item() for a, b in zip(got, want))
-    return _median_ms(lambda: step(bn_swish), repeats), _median_ms(lambda: step(compiled), repeats), compile_s, diff
+    return median_ms(lambda: step(bn_swish), repeats), median_ms(lambda: step(compiled), repeats), compile_s, diff
 
 
 def main(argv=None) -> None:

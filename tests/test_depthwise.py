@@ -60,3 +60,21 @@ def test_model_depthwise_convs_are_swapped_in_place():
     assert depthwise and all(type(m) is DepthwiseConv2d for m in depthwise)
     fresh = nn.Conv2d(4, 4, 5, groups=4, bias=False)
     assert set(fresh.state_dict()) == set(depthwise[0].state_dict())
+
+
+def test_benchmark_lists_every_depthwise_shape_and_its_choice(capsys):
+    """benchmarks/depthwise_grad.py on a tiny model: one row per depthwise shape, each saying which path trains."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "depthwise_grad.py"
+    spec = importlib.util.spec_from_file_location("depthwise_grad", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--preset", "digits", "--batch", "2", "--repeats", "1"])
+    cpu, header, columns, *rows = capsys.readouterr().out.splitlines()
+    assert cpu.startswith("# ") and "thread(s)" in cpu
+    assert rows and all(row.rstrip().endswith(("offsets", "oneDNN")) for row in rows)
+    # Maps of at most SMALL_MAP (16) pixels take the offset sums, larger ones oneDNN.
+    for row in rows:
+        size = int(row.split("->")[0].split("x")[-1])
+        assert row.rstrip().endswith("offsets" if size * size <= 16 else "oneDNN")
