@@ -1,15 +1,15 @@
 """The weight gradient of a depthwise convolution on small feature maps, summed by kernel offset.
 
-On CPU, oneDNN has no depthwise kernel for this gradient: it runs its general
-grouped-convolution kernel, and when the feature map is no larger than the
-kernel's reach (4x4 maps under a 5x5 kernel, the coarsest scale of the MNIST
-and CIFAR-10 models) it falls back to a GEMM that takes 5-8 times as long as
-summing ``grad_out * shifted input`` over the batch for each of the k x k offsets
+On AVX2 CPUs oneDNN has no depthwise kernel for this gradient: it runs its
+general grouped-convolution kernel, and when the feature map is no larger than
+the kernel's reach (4x4 maps under a 5x5 kernel, the coarsest scale of the MNIST
+models) a GEMM fallback that takes 4-5 times as long as summing
+``grad_out * shifted input`` over the batch for each of the k x k offsets
 (``benchmarks/depthwise_grad.py``). :func:`depthwise_weight_grad` is that sum;
 :class:`DepthwiseConv2d` uses it for such maps in training and keeps oneDNN
-everywhere else. The forward pass and the input gradient are oneDNN's, unchanged;
-the weight gradient agrees with oneDNN's to rounding (the same products, summed
-in another order).
+everywhere else (on larger maps the sums are the slower ones). The forward pass
+and the input gradient are oneDNN's, unchanged; the weight gradient agrees with
+oneDNN's to rounding (the same products, summed in another order).
 """
 from __future__ import annotations
 
