@@ -55,15 +55,15 @@ def _fold_input_1x1(weight: torch.Tensor, bn: nn.BatchNorm2d):
     return weight * scale.view(1, -1, 1, 1), weight.flatten(1) @ shift
 
 
+_HAS_POINTWISE = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
+
+
 def conv_swish(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], conv: nn.Conv2d) -> torch.Tensor:
     """``silu(conv(x))`` with ``conv``'s geometry and the given weight and bias, in one oneDNN pass where it can."""
     if _HAS_POINTWISE and x.device.type == "cpu":
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
                                                        list(conv.dilation), conv.groups, "swish", [], None)
     return F.silu(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups), inplace=True)
-
-
-_HAS_POINTWISE = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
 
 
 def _versions(module: nn.Module) -> tuple:
