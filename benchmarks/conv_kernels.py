@@ -58,7 +58,7 @@ class _RecordConvs(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.seen: Dict[ConvShape, None] = {}
+        self.seen: Dict[ConvShape, int] = {}    #: shape -> number of calls
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -69,22 +69,27 @@ class _RecordConvs(TorchFunctionMode):
             pair = lambda v, d: tuple(v) if isinstance(v, (tuple, list)) else (v, v) if v is not None else d  # noqa: E731
             strided = not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             groups = call.get("groups", 1)
-            self.seen.setdefault(ConvShape(x.shape[0], x.shape[1], w.shape[0], tuple(x.shape[-2:]),
-                                           tuple(w.shape[-2:]), pair(call.get("stride"), (1, 1)),
-                                           pair(call.get("padding"), (0, 0)), pair(call.get("dilation"), (1, 1)),
-                                           groups, call.get("bias") is not None, strided))
+            shape = ConvShape(x.shape[0], x.shape[1], w.shape[0], tuple(x.shape[-2:]), tuple(w.shape[-2:]),
+                              pair(call.get("stride"), (1, 1)), pair(call.get("padding"), (0, 0)),
+                              pair(call.get("dilation"), (1, 1)), groups, call.get("bias") is not None, strided)
+            self.seen[shape] = self.seen.get(shape, 0) + 1
         return func(*args, **kwargs)
 
 
 def model_conv_shapes(cfg: NVAEConfig, batch: int) -> List[ConvShape]:
     """The distinct convolutions one training forward pass of ``NVAE(cfg)`` applies."""
+    return list(model_conv_counts(cfg, batch))
+
+
+def model_conv_counts(cfg: NVAEConfig, batch: int) -> Dict[ConvShape, int]:
+    """Each distinct convolution of one training forward pass of ``NVAE(cfg)``, and how often it runs."""
     torch.manual_seed(0)
     model = NVAE(cfg).train()
     x = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     x = torch.bernoulli(x) if cfg.decoder == "bernoulli" else x
     with torch.no_grad(), _RecordConvs() as record:
         model(x)
-    return list(record.seen)
+    return dict(record.seen)
 
 
 def stride2_1x1_official(shapes: List[ConvShape]) -> List[ConvShape]:

@@ -479,7 +479,7 @@ def kl_section(model, data, why: str, run_dir: Path, options: ReportOptions) -> 
 
 
 # ------------------------------------------------------------------ the page
-def _report_data(ckpt: Path, stored: dict, model, options: ReportOptions):
+def _report_data(ckpt: Path, model, options: ReportOptions):
     """The split the image sections draw on; a ValueError / OSError saying why there is none."""
     from .runs import split_of
     return split_of(ckpt, model.config, options.split, options.dataset, options.data)[1]
@@ -519,7 +519,7 @@ def _locate(run: Union[str, Path]) -> Tuple[Path, Path]:
     return run_dir, ckpt
 
 
-def _model_and_inputs(ckpt: Path, stored: dict, options: ReportOptions):
+def _model_and_inputs(ckpt: Path, options: ReportOptions):
     """(model or None, "ema"/"raw" weights, data or None, inputs or None, why there are no data)."""
     if not options.draw_images:
         return None, "none (--no-images)", None, None, "images are not drawn from the checkpoint (--no-images)"
@@ -529,7 +529,7 @@ def _model_and_inputs(ckpt: Path, stored: dict, options: ReportOptions):
         raise ValueError(f"keep groups {bad} are out of range: the model has {model.num_groups} latent groups, "
                          f"so k must be in 0..{model.num_groups}")
     try:
-        data = _report_data(ckpt, stored, model, options)
+        data = _report_data(ckpt, model, options)
     except (ValueError, OSError) as e:
         return model, weights, None, None, f"the {options.split} data could not be loaded ({e}); pass --data DIR"
     return model, weights, data, _inputs(model, data, options), ""
@@ -544,7 +544,7 @@ def build_report(run: Union[str, Path], options: ReportOptions = ReportOptions()
     from tqdm import tqdm
     run_dir, ckpt = _locate(run)
     stored = _stored(ckpt)
-    model, weights, data, inputs, why = _model_and_inputs(ckpt, stored, options)
+    model, weights, data, inputs, why = _model_and_inputs(ckpt, options)
     steps = [
         lambda: run_section(run_dir, ckpt, stored, weights),
         lambda: configs_section(run_dir, stored),
