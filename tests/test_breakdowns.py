@@ -1,4 +1,4 @@
-"""benchmarks/conv_passes.py: per-shape pass times and the step totals they add up to."""
+"""benchmarks/conv_passes.py and step_parts.py: the breakdowns add up to their totals."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -11,14 +11,27 @@ from nvae import NVAE, NVAEConfig
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def bench():
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("conv_passes", BENCH / "conv_passes.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
+        yield _load("conv_passes")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def parts():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield _load("step_parts")
     finally:
         sys.path.remove(str(BENCH))
 
@@ -74,3 +87,48 @@ def test_kind_names_the_kernel(bench):
     assert bench.kind(base) == "depthwise"
     assert bench.kind(base._replace(groups=1, kernel=(1, 1))) == "1x1"
     assert bench.kind(base._replace(groups=2, kernel=(3, 3))) == "3x3"
+
+
+def test_step_parts_sum_to_the_step_and_compare_batches(parts, capsys):
+    parts.main(["--preset", "digits", "--batches", "2,1", "--steps", "1"])
+    cpu, title, header, small, large, ratio = capsys.readouterr().out.splitlines()
+    assert cpu.startswith("# ") and "thread(s)" in cpu
+    assert header.split() == ["batch", "forward", "spectral", "BN", "loss", "backward", "Adamax", "step"]
+    rows = {}
+    for line in (small, large):
+        batch, *values = line.split()
+        *times, step = (float(v) for v in values)
+        assert all(t > 0 for t in times) and step == pytest.approx(sum(times), abs=0.3)
+        rows[int(batch)] = times
+    assert sorted(rows) == [1, 2]       # batches are sorted, smallest first
+    assert ratio.split()[0] == "x2"
+    for printed, lo, hi in zip(ratio.split()[1:-1], rows[1], rows[2]):
+        # Ratios are of the unrounded times.
+        assert float(printed.rstrip("x")) == pytest.approx(hi / lo, rel=0.05, abs=0.06)
+
+
+def test_step_parts_refuses_a_batch_below_one(parts, capsys):
+    with pytest.raises(SystemExit) as e:
+        parts.main(["--batches", "0,4"])
+    assert e.value.code == 2 and "positive batch sizes" in capsys.readouterr().err
+
+
+def test_grouped_conv_formulation_is_the_depthwise_weight_gradient():
+    """depthwise_grad.py times this formulation: it must be the gradient it claims (float64 autograd)."""
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, str(BENCH))
+    try:
+        grad_bench = _load("depthwise_grad")
+    finally:
+        sys.path.remove(str(BENCH))
+    torch.manual_seed(0)
+    for n, c, h, k, pad in [(3, 4, 6, 5, 2), (2, 3, 5, 3, 1), (1, 2, 4, 3, 0)]:
+        x = torch.randn(n, c, h, h, dtype=torch.float64)
+        w = torch.randn(c, 1, k, k, dtype=torch.float64, requires_grad=True)
+        y = F.conv2d(x, w, None, 1, pad, 1, c)
+        g = torch.randn_like(y)
+        y.backward(g)
+        got = grad_bench.as_grouped_conv(g, x, (pad, pad))
+        assert got.shape == w.shape
+        assert torch.allclose(got, w.grad, atol=1e-10)
