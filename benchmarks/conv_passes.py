@@ -16,7 +16,6 @@ fair share.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 from pathlib import Path
@@ -27,10 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conv_kernels import ConvShape, model_conv_counts  # noqa: E402
-from depthwise_grad import median_ms  # noqa: E402
+from depthwise_grad import median_ms, shape_benchmark_args  # noqa: E402
 
-from nvae import NVAEConfig  # noqa: E402
-from nvae.config import parse_overrides  # noqa: E402
 from nvae.depthwise import depthwise_weight_grad, takes_offset_sums  # noqa: E402
 from nvae.runtime import describe_cpu  # noqa: E402
 
@@ -76,16 +73,7 @@ def totals(rows: Dict[ConvShape, Tuple[int, Tuple[float, float, float]]]) -> Dic
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="mnist_small")
-    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="override an NVAEConfig field")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=5)
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    cfg = NVAEConfig.preset(a.preset, **parse_overrides(a.model, NVAEConfig))
+    a, cfg = shape_benchmark_args(argv, __doc__, repeats=5)
     counts = model_conv_counts(cfg, a.batch)
     print(f"# {describe_cpu()}")
     print(f"preset={a.preset} batch={a.batch} channels-last: median ms of {a.repeats}, per convolution")

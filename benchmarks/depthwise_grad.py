@@ -51,17 +51,23 @@ def as_grouped_conv(grad_out: torch.Tensor, x: torch.Tensor, padding) -> torch.T
     return out.view(c, 1, *out.shape[-2:])
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_benchmark_args(argv, description: str, repeats: int):
+    """``(arguments, NVAEConfig)`` of a per-shape benchmark (preset, overrides, batch, threads, repeats);
+    sets the thread count."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mnist_small")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="override an NVAEConfig field")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=repeats)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = NVAEConfig.preset(a.preset, **parse_overrides(a.model, NVAEConfig))
+    return a, NVAEConfig.preset(a.preset, **parse_overrides(a.model, NVAEConfig))
+
+
+def main(argv=None) -> None:
+    a, cfg = shape_benchmark_args(argv, __doc__, repeats=10)
     shapes = [s for s in model_conv_shapes(cfg, a.batch) if s.groups == s.c_in == s.c_out and s.groups > 1
               and s.stride == (1, 1) and s.dilation == (1, 1)]
     print(f"# {describe_cpu()}")
