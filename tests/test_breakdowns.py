@@ -4,7 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from nvae import NVAE, NVAEConfig
 
@@ -18,22 +20,22 @@ def _load(name: str):
     return module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def benchmarks_on_path():
+    # The benchmark scripts import each other as top-level modules.
+    sys.path.insert(0, str(BENCH))
+    yield
+    sys.path.remove(str(BENCH))
+
+
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield _load("conv_passes")
-    finally:
-        sys.path.remove(str(BENCH))
+    return _load("conv_passes")
 
 
 @pytest.fixture(scope="module")
 def parts():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield _load("step_parts")
-    finally:
-        sys.path.remove(str(BENCH))
+    return _load("step_parts")
 
 
 def test_counts_cover_every_convolution_module_call(bench):
@@ -46,7 +48,6 @@ def test_counts_cover_every_convolution_module_call(bench):
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             m.register_forward_hook(lambda mod, inp, out: calls.append(mod))
-    import torch
     torch.manual_seed(0)
     model(torch.bernoulli(torch.rand(2, cfg.in_channels, cfg.image_size, cfg.image_size)))
     assert sum(counts.values()) >= len(calls) > 0
@@ -115,13 +116,7 @@ def test_step_parts_refuses_a_batch_below_one(parts, capsys):
 
 def test_grouped_conv_formulation_is_the_depthwise_weight_gradient():
     """depthwise_grad.py times this formulation: it must be the gradient it claims (float64 autograd)."""
-    import torch
-    import torch.nn.functional as F
-    sys.path.insert(0, str(BENCH))
-    try:
-        grad_bench = _load("depthwise_grad")
-    finally:
-        sys.path.remove(str(BENCH))
+    grad_bench = _load("depthwise_grad")
     torch.manual_seed(0)
     for n, c, h, k, pad in [(3, 4, 6, 5, 2), (2, 3, 5, 3, 1), (1, 2, 4, 3, 0)]:
         x = torch.randn(n, c, h, h, dtype=torch.float64)
