@@ -29,9 +29,13 @@ from nvae.runtime import describe_cpu, tune_cpu_allocator  # noqa: E402
 PARTS = ("forward", "spectral", "BN loss", "backward", "Adamax")
 
 
-def time_parts(preset: str, batch: int, channels_last: bool, steps: int, warmup: int = 2) -> Dict[str, float]:
-    """Median ms of each of :data:`PARTS` over ``steps`` training steps (after ``warmup``)."""
+def time_parts(preset: str, batch: int, channels_last: bool, steps: int, warmup: int = 2,
+               foreach: bool = False) -> Dict[str, float]:
+    """Median ms of each of :data:`PARTS` over ``steps`` training steps (after ``warmup``);
+    ``foreach``: Adamax's multi-tensor implementation instead of its per-tensor loop."""
     cfg, model, opt, alpha, x = setup(preset, batch, torch.device("cpu"), channels_last)
+    for group in opt.param_groups:
+        group["foreach"] = foreach
     samples = {name: [] for name in PARTS}
 
     def step() -> list:
@@ -65,6 +69,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--adamax-foreach", action="store_true",
+                   help="Adamax's multi-tensor implementation (torch's default on CPU is the per-tensor loop)")
     a = p.parse_args(argv)
     batches = sorted({int(b) for b in a.batches.split(",")})
     if not batches or batches[0] < 1:
@@ -73,11 +79,13 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"# {describe_cpu()}")
-    print(f"preset={a.preset}{' channels-last' if a.channels_last else ''}: median ms of {a.steps} steps")
+    flags = "".join(f" {name}" for name, on in [("channels-last", a.channels_last),
+                                                 ("adamax-foreach", a.adamax_foreach)] if on)
+    print(f"preset={a.preset}{flags}: median ms of {a.steps} steps")
     print(f"{'batch':>5s} " + " ".join(f"{name:>9s}" for name in PARTS) + f" {'step':>9s}")
     rows = {}
     for b in batches:
-        rows[b] = time_parts(a.preset, b, a.channels_last, a.steps)
+        rows[b] = time_parts(a.preset, b, a.channels_last, a.steps, foreach=a.adamax_foreach)
         print(f"{b:5d} " + " ".join(f"{rows[b][name]:9.1f}" for name in PARTS) + f" {sum(rows[b].values()):9.1f}")
     if len(batches) > 1:
         lo, hi = rows[batches[0]], rows[batches[-1]]
