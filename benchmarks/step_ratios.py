@@ -10,9 +10,10 @@ memory is per process: measure it with ``train_step.py``.)
         plain recompute-bn recompute-bn+checkpointing=normal_post,up_post
 
 An option is ``plain`` or ``+``-joined parts: ``recompute-bn``,
-``checkpointing`` (every cell) or ``checkpointing=ROLE,ROLE``, and
+``checkpointing`` (every cell) or ``checkpointing=ROLE,ROLE``,
 ``onednn-depthwise`` (every depthwise weight gradient by oneDNN, none summed by
-kernel offset: what :mod:`nvae.depthwise` saves).
+kernel offset: what :mod:`nvae.depthwise` saves), and ``adamax-foreach``
+(Adamax's multi-tensor implementation instead of torch's per-tensor loop on CPU).
 """
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ DEFAULT_OPTIONS = ["plain", "recompute-bn", "recompute-bn+checkpointing=normal_p
                    "recompute-bn+checkpointing=normal_post,up_post,normal_dec,up_dec"]
 
 
-def parse_option(text: str) -> Tuple[bool, bool, Optional[List[str]], int]:
-    """``(recompute_bn, checkpointing, roles, small_map)`` of an option string (``small_map``:
-    :data:`nvae.depthwise.SMALL_MAP` for the option)."""
-    recompute, ckpt, roles, small_map = False, False, None, depthwise.SMALL_MAP
+def parse_option(text: str) -> Tuple[bool, bool, Optional[List[str]], int, bool]:
+    """``(recompute_bn, checkpointing, roles, small_map, foreach)`` of an option string (``small_map``:
+    :data:`nvae.depthwise.SMALL_MAP` for the option; ``foreach``: Adamax's multi-tensor implementation)."""
+    recompute, ckpt, roles, small_map, foreach = False, False, None, depthwise.SMALL_MAP, False
     if text != "plain":
         for part in text.split("+"):
             name, _, value = part.partition("=")
@@ -48,6 +49,8 @@ def parse_option(text: str) -> Tuple[bool, bool, Optional[List[str]], int]:
                 recompute = True
             elif name == "onednn-depthwise" and not value:
                 small_map = 0
+            elif name == "adamax-foreach" and not value:
+                foreach = True
             elif name == "checkpointing":
                 try:
                     ckpt, roles = True, (list(cell_roles(value)) if value else None)
@@ -55,8 +58,8 @@ def parse_option(text: str) -> Tuple[bool, bool, Optional[List[str]], int]:
                     raise SystemExit(f"error: {e}") from None
             else:
                 raise SystemExit(f"error: unknown option part {part!r} in {text!r}; use plain, recompute-bn, "
-                                 "checkpointing, checkpointing=ROLE,ROLE or onednn-depthwise")
-    return recompute, ckpt, roles, small_map
+                                 "checkpointing, checkpointing=ROLE,ROLE, onednn-depthwise or adamax-foreach")
+    return recompute, ckpt, roles, small_map, foreach
 
 
 def main(argv=None) -> None:
@@ -73,10 +76,12 @@ def main(argv=None) -> None:
     _, model, opt, alpha, x = setup(a.preset, a.batch, torch.device("cpu"), a.channels_last)
     times = {text: [] for text, *_ in options}
     for round_ in range(a.rounds + 1):          # round 0 warms every option up
-        for text, recompute, ckpt, roles, small_map in options:
+        for text, recompute, ckpt, roles, small_map, foreach in options:
             model.set_recompute_bn(recompute)
             model.set_checkpointing(ckpt, roles)
             depthwise.SMALL_MAP = small_map
+            for group in opt.param_groups:
+                group["foreach"] = foreach
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             nvae_loss(model, x, beta=0.5, lam=1e-2, alpha=alpha).loss.backward()

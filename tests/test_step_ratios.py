@@ -12,12 +12,13 @@ _spec.loader.exec_module(step_ratios)
 
 def test_option_strings():
     small = step_ratios.depthwise.SMALL_MAP
-    assert step_ratios.parse_option("plain") == (False, False, None, small)
-    assert step_ratios.parse_option("recompute-bn") == (True, False, None, small)
-    assert step_ratios.parse_option("checkpointing") == (False, True, None, small)
-    assert step_ratios.parse_option("onednn-depthwise+recompute-bn") == (True, False, None, 0)
+    assert step_ratios.parse_option("plain") == (False, False, None, small, False)
+    assert step_ratios.parse_option("recompute-bn") == (True, False, None, small, False)
+    assert step_ratios.parse_option("checkpointing") == (False, True, None, small, False)
+    assert step_ratios.parse_option("onednn-depthwise+recompute-bn") == (True, False, None, 0, False)
     assert step_ratios.parse_option("recompute-bn+checkpointing=normal_post,up_post") == (
-        True, True, ["normal_post", "up_post"], small)
+        True, True, ["normal_post", "up_post"], small, False)
+    assert step_ratios.parse_option("adamax-foreach") == (False, False, None, small, True)
 
 
 def test_unknown_option_part_is_a_clear_error():
