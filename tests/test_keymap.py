@@ -13,6 +13,8 @@ from nvae.keymap import key_map, layout, modules_in_official_order
 from nvae.official import convert_state_dict
 
 FORMAT1 = Path(__file__).parent / "data" / "format1_digits_tiny.pt"
+#: float32 outputs stored on one machine against those computed on this one (any x86 ISA).
+STORED_RTOL, STORED_ATOL = 1e-6, 1e-6
 
 
 def small(**kw):
@@ -58,9 +60,10 @@ def test_format1_checkpoint_loads_and_gives_its_outputs():
     expected = stored["expected"]
     with torch.no_grad():
         out = model(expected["x"], temperature=0.0)
-    # Op by op, as the outputs were computed: the same numbers exactly.
-    torch.testing.assert_close(out.logits, expected["logits"], rtol=0, atol=0)
-    torch.testing.assert_close(out.kl, expected["kl"], rtol=0, atol=0)
+    # The stored outputs were computed on another CPU: oneDNN's kernels (and their summation order) differ by ISA,
+    # so float32 agrees to rounding, not bit for bit. A wrong key map moves them by orders of magnitude more.
+    torch.testing.assert_close(out.logits, expected["logits"], rtol=STORED_RTOL, atol=STORED_ATOL)
+    torch.testing.assert_close(out.kl, expected["kl"], rtol=STORED_RTOL, atol=STORED_ATOL)
     # With BN folded into the separable cells (the default in evaluation): the same up to rounding.
     with torch.no_grad():
         folded = model.set_fused_inference(True)(expected["x"], temperature=0.0)
