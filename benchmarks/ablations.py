@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/ablations.py --data ../shared/data --tables 2,3,5 \\
         --minutes-per-run 2 --out benchmarks/results/ablations.md
 
-Tables (paper numbers: CIFAR-10 bits/dim, from NVAE.md section 6; "n/a" where our reference has none):
+Tables (paper numbers: CIFAR-10 bits/dim, Tables 1-5 of the paper; "n/a" where our reference has none):
 
   2  normalisation and activation of the cells (WN + ELU, BN + ELU, BN + Swish: arch_instance res_elu,
      res_bnelu, res_bnswish) at each of --depths (num_groups_per_scale)
@@ -13,7 +13,7 @@ Tables (paper numbers: CIFAR-10 bits/dim, from NVAE.md section 6; "n/a" where ou
   5  spectral regularisation (SR) and squeeze-and-excitation (SE) on / off
   kl KL balancing on / off                                   [not run unless asked for]
 
-Every row (a "variant") trains in a fresh subprocess with ``nvae.train.train``: the same model (``--preset``,
+Every row (a "variant") trains in a fresh subprocess with ``nvae.training.loop.train``: the same model (``--preset``,
 ``--model`` overrides), the same data (the first ``--train-images`` training images, ``--test-images``
 evenly spaced test images, binarised once with a fixed seed for MNIST) and the same budget. Before training,
 each subprocess times a few training steps and measures their peak memory (CPU: peak RSS above the RSS before
@@ -48,9 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-# The paper's numbers as our reference (NVAE.md section 6) gives them: CIFAR-10, bits/dim, lower is better.
+# The paper's numbers (its Tables 1-5): CIFAR-10, bits/dim, lower is better.
 # Anything not listed prints as "n/a"; never fill in a number from memory.
-PAPER_SOURCE = "Vahdat & Kautz 2020 as quoted in NVAE.md section 6 (CIFAR-10, bits/dim)"
+PAPER_SOURCE = "Vahdat & Kautz 2020, Tables 1-5 (CIFAR-10, bits/dim)"
 PAPER_TABLE2 = {("WN + ELU", 40): 3.31, ("BN + Swish", 40): 3.16}
 PAPER_TABLE2_DEPTHS = (10, 20, 40)
 PAPER_TABLE5 = {"SR + SE": 3.16, "without SR": 3.18, "without SE": 3.22}
@@ -215,11 +215,11 @@ def probe(model_cfg, variant: Variant, settings: Settings, x, device) -> dict:
     import torch
 
     from nvae import NVAE
-    from nvae.objective import kl_balance_alpha
+    from nvae.training.objective import kl_balance_alpha
     from nvae.distributed import DistributedContext
-    from nvae.state import AUTOCAST, TrainState
-    from nvae.step import Coefficients
-    from nvae.train import TrainConfig, train_step
+    from nvae.training.state import AUTOCAST, TrainState
+    from nvae.training.step import Coefficients
+    from nvae.training.loop import TrainConfig, train_step
     was_reset = _reset_peak_rss()
     base_rss = _status_mb("VmRSS")
     if device.type == "cuda":
@@ -263,9 +263,9 @@ def run_variant(variant: Variant, settings: Settings, run_dir: Path) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     from nvae.data import build_dataset, prepare_batch
-    from nvae.evaluate import EvalConfig, evaluate
-    from nvae.runtime import tune_cpu_allocator
-    from nvae.train import TrainConfig, train
+    from nvae.analysis.likelihood import EvalConfig, evaluate
+    from nvae.speedups.cpu import tune_cpu_allocator
+    from nvae.training.loop import TrainConfig, train
 
     if settings.threads:
         torch.set_num_threads(settings.threads)

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from nvae import NVAE, NVAEConfig
 from nvae.config import parse_overrides
-from nvae.runtime import describe_cpu
+from nvae.speedups.cpu import describe_cpu
 
 
 class ConvShape(NamedTuple):

@@ -8,7 +8,7 @@ For each distinct convolution one training forward pass of the preset applies
 it and the median time of its three passes: the forward (``F.conv2d``), the input
 gradient and the weight gradient (``aten.convolution_backward``, one at a time),
 with the weight gradient computed the way training computes it (the offset sums
-of :mod:`nvae.depthwise` on small depthwise maps, oneDNN elsewhere). Then the
+of :mod:`nvae.speedups.depthwise` on small depthwise maps, oneDNN elsewhere). Then the
 step's totals (time x count) by kind of convolution and pass. The forward and
 the input gradient cost the same multiply-adds as the weight gradient, so the
 ratio of the weight gradient to the forward says how far a kernel is from its
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conv_kernels import ConvShape, model_conv_counts  # noqa: E402
 from depthwise_grad import median_ms, shape_benchmark_args  # noqa: E402
 
-from nvae.depthwise import depthwise_weight_grad, takes_offset_sums  # noqa: E402
-from nvae.runtime import describe_cpu  # noqa: E402
+from nvae.speedups.depthwise import depthwise_weight_grad, takes_offset_sums  # noqa: E402
+from nvae.speedups.cpu import describe_cpu  # noqa: E402
 
 PASSES = ("forward", "input grad", "weight grad")
 

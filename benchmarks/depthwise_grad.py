@@ -6,10 +6,10 @@
 For each distinct depthwise convolution one training forward pass of the preset
 applies (channels-last, as ``--channels-last`` trains), prints the median time of
 its weight gradient by oneDNN (``aten.convolution_backward``, weight only) and by
-:func:`nvae.depthwise.depthwise_weight_grad`, their ratio, the same gradient as one
+:func:`nvae.speedups.depthwise.depthwise_weight_grad`, their ratio, the same gradient as one
 grouped convolution (:func:`as_grouped_conv`, another formulation that was tried),
 the largest difference from oneDNN, and which one training uses
-(:data:`nvae.depthwise.SMALL_MAP`).
+(:data:`nvae.speedups.depthwise.SMALL_MAP`).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from conv_kernels import model_conv_shapes  # noqa: E402
 
 from nvae import NVAEConfig  # noqa: E402
 from nvae.config import parse_overrides  # noqa: E402
-from nvae.depthwise import SMALL_MAP, depthwise_weight_grad  # noqa: E402
-from nvae.runtime import describe_cpu  # noqa: E402
+from nvae.speedups.depthwise import SMALL_MAP, depthwise_weight_grad  # noqa: E402
+from nvae.speedups.cpu import describe_cpu  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

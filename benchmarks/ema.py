@@ -11,7 +11,7 @@ and every EMA are scored on the same test images with the same random draws (tes
 importance-weighted with K = ``--num-samples``, and the NELBO): a paired comparison, so
 the differences are the EMA's, not another run's luck. ``--compare-bn`` also scores each
 EMA with the raw model's BN running statistics in place of the averaged ones (the
-alternative to what ``nvae.ema`` does).
+alternative to what ``nvae.training.ema`` does).
 
 Time on a 2-core CPU (channels-last, about 0.6 s a step): the default 3,500 steps take
 30-40 minutes; each evaluation of 1,000 images at K = 100 about 5 minutes more (the raw
@@ -33,14 +33,14 @@ from torch.utils.data import DataLoader
 from nvae import NVAE, NVAEConfig
 from nvae.config import parse_overrides
 from nvae.data import build_dataset, prepare_batch
-from nvae.ema import AVERAGED_BUFFERS, WeightEMA
-from nvae.evaluate import EvalConfig, evaluate
-from nvae.objective import kl_balance_alpha
-from nvae.runs import write_json
-from nvae.runtime import tune_cpu_allocator
-from nvae.state import TrainState
-from nvae.step import schedule, train_step
-from nvae.train import TrainConfig, seed_everything
+from nvae.training.ema import AVERAGED_BUFFERS, WeightEMA
+from nvae.analysis.likelihood import EvalConfig, evaluate
+from nvae.training.objective import kl_balance_alpha
+from nvae.training.run_dir import write_json
+from nvae.speedups.cpu import tune_cpu_allocator
+from nvae.training.state import TrainState
+from nvae.training.step import schedule, train_step
+from nvae.training.loop import TrainConfig, seed_everything
 
 
 def _rates(text: str):

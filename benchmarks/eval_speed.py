@@ -1,5 +1,5 @@
 """Images per second of importance-weighted evaluation: K samples folded into the batch
-(``NVAE.log_likelihood``) with and without BN folded into the separable cells (:mod:`nvae.inference`),
+(``NVAE.log_likelihood``) with and without BN folded into the separable cells (:mod:`nvae.speedups.folded_eval`),
 against the official code's loop of K forward passes op by op; same model, one run.
 
     python benchmarks/eval_speed.py --preset mnist_small --num-samples 100 --batch 16
@@ -14,7 +14,7 @@ import time
 import torch
 
 from nvae import NVAE, NVAEConfig
-from nvae.runtime import describe_cpu, tune_cpu_allocator
+from nvae.speedups.cpu import describe_cpu, tune_cpu_allocator
 
 
 @torch.no_grad()

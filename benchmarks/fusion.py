@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from depthwise_grad import median_ms  # noqa: E402
 from train_step import setup  # noqa: E402
 
-from nvae.cells import InvertedResidual, ResConv  # noqa: E402
-from nvae.runtime import describe_cpu, tune_cpu_allocator  # noqa: E402
+from nvae.model.cells import InvertedResidual, ResConv  # noqa: E402
+from nvae.speedups.cpu import describe_cpu, tune_cpu_allocator  # noqa: E402
 
 
 def bn_swish(x, weight, bias, running_mean, running_var):

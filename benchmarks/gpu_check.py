@@ -6,7 +6,7 @@ every precision and memory option, then importance-weighted evaluation at K = 10
 
 Each row builds the preset's model as ``nvae train`` does (``TrainState.create``: the
 official optimiser and the memory options of ``TrainConfig``), takes ``--warmup`` steps,
-then times ``--steps`` steps of ``nvae.step.train_step`` (forward, objective with KL
+then times ``--steps`` steps of ``nvae.training.step.train_step`` (forward, objective with KL
 balancing and the regularisers, backward, gradient guard, Adamax). ``max alloc`` is
 ``torch.cuda.max_memory_allocated`` over those steps. The rows: fp32, fp16 (with the
 grad scaler) and bf16; then, in bf16, channels-last, recompute-BN, checkpointing of the
@@ -31,10 +31,10 @@ import torch
 from nvae import NVAE, PRESETS, NVAEConfig
 from nvae.config import TrainConfig, parse_overrides
 from nvae.distributed import DistributedContext
-from nvae.objective import kl_balance_alpha
-from nvae.runtime import describe_cpu
-from nvae.state import TrainState
-from nvae.step import Coefficients, train_step
+from nvae.training.objective import kl_balance_alpha
+from nvae.speedups.cpu import describe_cpu
+from nvae.training.state import TrainState
+from nvae.training.step import Coefficients, train_step
 
 #: preset -> per-GPU batch of the official recipe.
 PRESET_BATCH = {"cifar10": 32, "celeba64": 16, "celebahq256": 4}

@@ -23,8 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import setup  # noqa: E402
 
-from nvae.objective import nvae_loss  # noqa: E402
-from nvae.runtime import describe_cpu, tune_cpu_allocator  # noqa: E402
+from nvae.training.objective import nvae_loss  # noqa: E402
+from nvae.speedups.cpu import describe_cpu, tune_cpu_allocator  # noqa: E402
 
 # First match wins: the order puts the specific names before the generic ones.
 KINDS = [

@@ -19,9 +19,9 @@ import torch
 
 from nvae import NVAEConfig
 from nvae.data import build_dataset
-from nvae.evaluate import EvalConfig, evaluate
-from nvae.runtime import tune_cpu_allocator
-from nvae.train import TrainConfig, train
+from nvae.analysis.likelihood import EvalConfig, evaluate
+from nvae.speedups.cpu import tune_cpu_allocator
+from nvae.training.loop import TrainConfig, train
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import setup  # noqa: E402
 
-from nvae.runtime import describe_cpu, tune_cpu_allocator  # noqa: E402
+from nvae.speedups.cpu import describe_cpu, tune_cpu_allocator  # noqa: E402
 
 PARTS = ("forward", "spectral", "BN loss", "backward", "Adamax")
 

@@ -12,7 +12,7 @@ memory is per process: measure it with ``train_step.py``.)
 An option is ``plain`` or ``+``-joined parts: ``recompute-bn``,
 ``checkpointing`` (every cell) or ``checkpointing=ROLE,ROLE``,
 ``onednn-depthwise`` (every depthwise weight gradient by oneDNN, none summed by
-kernel offset: what :mod:`nvae.depthwise` saves), and ``adamax-foreach``
+kernel offset: what :mod:`nvae.speedups.depthwise` saves), and ``adamax-foreach``
 (Adamax's multi-tensor implementation instead of torch's per-tensor loop on CPU).
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from nvae import depthwise
-from nvae.cells import cell_roles
-from nvae.objective import nvae_loss
-from nvae.runtime import describe_cpu, tune_cpu_allocator
+from nvae.speedups import depthwise
+from nvae.model.cells import cell_roles
+from nvae.training.objective import nvae_loss
+from nvae.speedups.cpu import describe_cpu, tune_cpu_allocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import setup  # noqa: E402  (the benchmark beside this one)
@@ -40,7 +40,7 @@ DEFAULT_OPTIONS = ["plain", "recompute-bn", "recompute-bn+checkpointing=normal_p
 
 def parse_option(text: str) -> Tuple[bool, bool, Optional[List[str]], int, bool]:
     """``(recompute_bn, checkpointing, roles, small_map, foreach)`` of an option string (``small_map``:
-    :data:`nvae.depthwise.SMALL_MAP` for the option; ``foreach``: Adamax's multi-tensor implementation)."""
+    :data:`nvae.speedups.depthwise.SMALL_MAP` for the option; ``foreach``: Adamax's multi-tensor implementation)."""
     recompute, ckpt, roles, small_map, foreach = False, False, None, depthwise.SMALL_MAP, False
     if text != "plain":
         for part in text.split("+"):

@@ -25,8 +25,8 @@ def _rss_gb() -> float:
 RSS_AFTER_TORCH = _rss_gb()
 
 from nvae import NVAE, NVAEConfig  # noqa: E402
-from nvae.objective import kl_balance_alpha, nvae_loss  # noqa: E402
-from nvae.runtime import describe_cpu, peak_rss_gb, tune_cpu_allocator  # noqa: E402
+from nvae.training.objective import kl_balance_alpha, nvae_loss  # noqa: E402
+from nvae.speedups.cpu import describe_cpu, peak_rss_gb, tune_cpu_allocator  # noqa: E402
 
 
 def saved_for_backward(forward) -> int:
@@ -75,9 +75,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--recompute-bn", action="store_true",
-                   help="store only BN inputs; recompute BN and Swish in backward (nvae.fused)")
+                   help="store only BN inputs; recompute BN and Swish in backward (nvae.speedups.recompute_bn)")
     p.add_argument("--no-tune-allocator", action="store_true",
-                   help="leave glibc's malloc thresholds alone (see nvae.runtime.tune_cpu_allocator)")
+                   help="leave glibc's malloc thresholds alone (see nvae.speedups.cpu.tune_cpu_allocator)")
     a = p.parse_args(argv)
     tuned = False if a.no_tune_allocator else tune_cpu_allocator()
     if a.threads:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nvae import PRESETS, NVAEConfig
-from nvae.cells import ARCH_INSTANCES
+from nvae.model.cells import ARCH_INSTANCES
 from nvae.config import groups_per_scale
 
 

@@ -16,12 +16,12 @@ from gloo import WORLD, spawn
 from nvae import NVAE, NVAEConfig
 from nvae.distributed import (DistributedContext, SyncBatchNorm2d, convert_sync_batchnorm, init_distributed,
                               torchrun_env, wrap_model)
-from nvae.layers import batch_norm
-from nvae.memory import frozen_batch_statistics
-from nvae.objective import kl_balance_alpha
-from nvae.state import TrainState
-from nvae.step import Coefficients
-from nvae.train import train_step
+from nvae.model.layers import batch_norm
+from nvae.speedups.memory import frozen_batch_statistics
+from nvae.training.objective import kl_balance_alpha
+from nvae.training.state import TrainState
+from nvae.training.step import Coefficients
+from nvae.training.loop import train_step
 
 # Uneven shares on purpose: the global statistics must weight each process by its count.
 BN_SPLIT = (3, 5)

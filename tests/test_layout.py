@@ -56,5 +56,5 @@ def test_configuration_depends_on_nothing_above_it_and_nothing_imports_the_cli()
     assert graph["nvae.config"] == set()
     assert not [m for m, deps in graph.items() if "nvae.cli" in deps and m != "nvae.__main__"]
     # the network does no file I/O of its own: it hands saving and loading down to checkpoint and official
-    assert "nvae.runs" not in graph["nvae.model"] and "nvae.train" not in graph["nvae.model"]
-    assert not _reaches(graph, "nvae.checkpoint", "nvae.model") and not _reaches(graph, "nvae.official", "nvae.model")
+    assert "nvae.training.run_dir" not in graph["nvae.model.network"] and "nvae.training.loop" not in graph["nvae.model.network"]
+    assert not _reaches(graph, "nvae.formats.checkpoint", "nvae.model.network") and not _reaches(graph, "nvae.formats.official", "nvae.model.network")

@@ -95,7 +95,7 @@ def _config_dict(data, what: str) -> dict:
 
 @dataclass(frozen=True)
 class NVAEConfig:
-    """Every architecture option of NVAE (NVAE.md section 1).
+    """Every architecture option of NVAE (paper, Section 3 and Figures 2-3).
 
     Use :meth:`preset` for the paper's configurations and
     ``dataclasses.replace(config, ...)`` to override a field.
@@ -280,7 +280,7 @@ _RGB = dict(in_channels=3, decoder="mixture", num_mixture_dec=10, num_preprocess
 _HQ = dict(_RGB, image_size=256, num_channels_enc=30, num_channels_dec=30, num_latent_scales=5,
            num_groups_per_scale=16, ada_groups=True, min_groups_per_scale=4, num_nf=2, num_x_bits=5)
 
-#: The paper's configurations (NVAE.md section 5) plus ``mnist_small``, a
+#: The paper's configurations (paper, Table 1 and its appendix's hyper-parameter table; the official README's commands) plus ``mnist_small``, a
 #: 16-channel MNIST model used in tests and CPU benchmarks, and ``digits``, a
 #: small model of scikit-learn's bundled 8x8 digits (the default, no download).
 PRESETS = {
@@ -438,7 +438,7 @@ class TrainConfig:
 
 
 def _check_validation(cfg: "TrainConfig") -> None:
-    """The validation fields of ``cfg`` (:mod:`nvae.validation`) make sense."""
+    """The validation fields of ``cfg`` (:mod:`nvae.training.validation`) make sense."""
     if cfg.eval_every is not None and cfg.eval_every < 0:
         raise ValueError(f"eval_every must be >= 0 (0: no validation; None: the official schedule), "
                          f"got {cfg.eval_every}")
@@ -450,7 +450,7 @@ def _check_validation(cfg: "TrainConfig") -> None:
         raise ValueError(f"eval_max_images must be >= 1 (or None for the whole split), got {cfg.eval_max_images}")
 
 
-#: Official per-data-set recipes (NVAE.md section 5; per-GPU batch sizes).
+#: Official per-data-set recipes (the official README's commands; per-GPU batch sizes).
 TRAIN_PRESETS = {
     # digits, a CPU demo, ends with K = 50 (K = 1000 would add ~4 minutes to its ~10 on a CPU core)
     "digits": TrainConfig(dataset="digits", epochs=60, batch_size=64, warmup_epochs=2, image_every=250,

@@ -1,4 +1,4 @@
-"""Data-parallel training over processes started by ``torchrun`` (NVAE.md section 3).
+"""Data-parallel training over processes started by ``torchrun`` (the official ``datasets.py``).
 
 The official recipe trains on several GPUs with synchronised BatchNorm: every BN
 layer normalises with the statistics of the *whole* batch across processes, so
@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 from torch.nn.parallel import DistributedDataParallel
 
-from .layers import BN_EPS, BN_MOMENTUM
+from .model.layers import BN_EPS, BN_MOMENTUM
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def _swap_batchnorm(module: nn.Module, process_group, replaced: Dict[nn.Module, 
 
 # ----------------------------------------------------------------------- DDP
 class DistributedNVAE(DistributedDataParallel):
-    """DDP around an :class:`~nvae.model.NVAE` that :func:`~nvae.objective.nvae_loss` accepts.
+    """DDP around an :class:`~nvae.model.network.NVAE` that :func:`~nvae.training.objective.nvae_loss` accepts.
 
     Calling it runs the forward through DDP (gradients are averaged over the
     processes in backward); the regularisers are computed on the wrapped model,

@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except RuntimeError as e:
         from ..distributed import PeerTimeout
-        from ..stability import TrainingDiverged
+        from ..training.skip_guard import TrainingDiverged
         if args.debug or not isinstance(e, (TrainingDiverged, PeerTimeout)):
             raise
         print(f"nvae: error: {e}", file=sys.stderr)

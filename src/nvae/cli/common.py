@@ -53,7 +53,7 @@ def add_weights_arg(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace, device=None):
     """``(model, checkpoint path, "ema" or "raw")`` of ``args.checkpoint``, as ``--raw-weights`` asks."""
-    from ..runs import load_weights
+    from ..training.run_dir import load_weights
     return load_weights(args.checkpoint, device or args.device, getattr(args, "weights", "auto"))
 
 
@@ -68,5 +68,5 @@ def add_eval_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def eval_data(args, ckpt, model):
-    from ..runs import split_of
+    from ..training.run_dir import split_of
     return split_of(ckpt, model.config, args.split, args.dataset, args.data)

@@ -18,8 +18,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from ..distributed import init_distributed, waiting_for_peers
-    from ..evaluate import EvalConfig, PartialFile, evaluate, partial_path_for
-    from ..runs import check_output, write_json
+    from ..analysis.likelihood import EvalConfig, PartialFile, evaluate, partial_path_for
+    from ..training.run_dir import check_output, write_json
     # torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
@@ -52,8 +52,8 @@ def _cmd_kl_stats(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..evaluate import kl_statistics, plot_kl_stats
-    from ..runs import check_output, write_json
+    from ..analysis.likelihood import kl_statistics, plot_kl_stats
+    from ..training.run_dir import check_output, write_json
     model, ckpt, weights = load(args)
     print(f"{weights} weights of {ckpt}")
     stem = Path(args.output or ckpt.with_name(f"kl_stats_{args.split}"))

@@ -13,8 +13,8 @@ _FID_WEIGHTS_HELP = ("local copy of pytorch-fid's pt_inception-2015-12-05-672682
 
 def cmd_fid_stats(args: argparse.Namespace) -> int:
     """``nvae fid-stats``: Inception statistics of a data set's split(s), written to ``--output``."""
-    from ..fid import NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, dataset_statistics, save_statistics
-    from ..fid_protocol import stats_dataset, stats_splits
+    from ..analysis.fid import NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, dataset_statistics, save_statistics
+    from ..analysis.fid_protocol import stats_dataset, stats_splits
 
     if args.inception_weights is None:
         raise FIDError(NO_WEIGHTS_MESSAGE)
@@ -38,8 +38,8 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
 
 
 def _fid_protocol(args: argparse.Namespace, num_groups: int):
-    """The :class:`~nvae.fid_protocol.FIDProtocol` the arguments ask for (its default from the checkpoint)."""
-    from ..fid_protocol import FIDProtocol, default_protocol
+    """The :class:`~nvae.analysis.fid_protocol.FIDProtocol` the arguments ask for (its default from the checkpoint)."""
+    from ..analysis.fid_protocol import FIDProtocol, default_protocol
     t = args.temperature
     # A schedule becomes its per-group list (a plain number stays one), so the JSON and file names can hold it.
     t = t.values[0] if t.kind == "constant" else t.resolve(num_groups)
@@ -59,9 +59,9 @@ def cmd_fid(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from ..distributed import init_distributed, waiting_for_peers
-    from ..fid import FEATURE_DIMS, NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, file_sha256, load_statistics
-    from ..fid_protocol import default_output_name, protocol_fid
-    from ..runs import check_output, write_json
+    from ..analysis.fid import FEATURE_DIMS, NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, file_sha256, load_statistics
+    from ..analysis.fid_protocol import default_output_name, protocol_fid
+    from ..training.run_dir import check_output, write_json
 
     if args.inception_weights is None:
         raise FIDError(NO_WEIGHTS_MESSAGE)
@@ -96,9 +96,9 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 def add_fid_parsers(sub) -> None:
     """Add the ``fid-stats`` and ``fid`` commands to ``sub`` (an argparse subparsers object)."""
-    from ..fid import FEATURE_DIMS, REDUCTIONS
-    from ..fid_protocol import PROTOCOLS
-    from ..temperature import HELP, TemperatureSchedule, temperature_arg
+    from ..analysis.fid import FEATURE_DIMS, REDUCTIONS
+    from ..analysis.fid_protocol import PROTOCOLS
+    from ..analysis.temperature_schedule import HELP, TemperatureSchedule, temperature_arg
     p = sub.add_parser("fid-stats", help="Inception statistics of a data set for FID (.npz, pytorch-fid format)")
     p.add_argument("--dataset", required=True, help="data set name (as for training)")
     p.add_argument("--data", default=None, help="folder holding the data set's files")

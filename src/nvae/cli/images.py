@@ -10,7 +10,7 @@ from .common import (add_eval_data_args, add_weights_arg, count, device, eval_da
 
 def _sample_temperatures(args: argparse.Namespace) -> list:
     """The schedules asked for by -t, --temperatures or --per-group-temperature (one of them; default 1.0)."""
-    from ..temperature import TemperatureSchedule
+    from ..analysis.temperature_schedule import TemperatureSchedule
     given = [f"--{n.replace('_', '-')}" for n in ("temperature", "temperatures", "per_group_temperature")
              if getattr(args, n) is not None]
     if len(given) > 1:
@@ -25,9 +25,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     """One grid + .npz for n <= --batch (rank 0); else numbered chunks over all processes, resumable."""
     from datetime import timedelta
 
-    from ..checkpoint import model_fingerprint
+    from ..formats.checkpoint import model_fingerprint
     from ..distributed import init_distributed, waiting_for_peers
-    from ..model import per_group
+    from ..model.network import per_group
     temps = _sample_temperatures(args)
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
@@ -52,10 +52,10 @@ def _sample_one(args, ctx, model, source, t, weights: str) -> None:
 
     import torch
 
-    from ..bulk import BulkConfig, broadcast_decoder_bn, draw_chunk, sample_to_chunks
-    from ..model import per_group
-    from ..runs import load_weights
-    from ..sampling import readjust_bn_cached, save_samples, temperature_name
+    from ..analysis.bulk_samples import BulkConfig, broadcast_decoder_bn, draw_chunk, sample_to_chunks
+    from ..model.network import per_group
+    from ..training.run_dir import load_weights
+    from ..analysis.sampling import readjust_bn_cached, save_samples, temperature_name
     ckpt, kind = source
     progress = ctx.is_main and not args.no_progress
     readjust = None
@@ -87,10 +87,10 @@ def _sample_one(args, ctx, model, source, t, weights: str) -> None:
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import save_png
+    from ..formats.checkpoint import save_png
     from ..data import prepare_batch
-    from ..runs import check_output
-    from ..sampling import reconstructions
+    from ..training.run_dir import check_output
+    from ..analysis.sampling import reconstructions
     if args.keep_groups is not None:
         return _cmd_partial_posterior(args)
     t = args.temperature
@@ -124,12 +124,12 @@ def _cmd_partial_posterior(args: argparse.Namespace) -> int:
     """``nvae reconstruct --keep-groups``: one grid, the inputs row and one row per K."""
     import torch
 
-    from ..checkpoint import save_png
+    from ..formats.checkpoint import save_png
     from ..data import prepare_batch
-    from ..latents import partial_posterior_grid
-    from ..runs import check_output
-    from ..sampling import temperature_name
-    from ..temperature import TemperatureSchedule
+    from ..analysis.latent_export import partial_posterior_grid
+    from ..training.run_dir import check_output
+    from ..analysis.sampling import temperature_name
+    from ..analysis.temperature_schedule import TemperatureSchedule
     keep = _parse_keep_groups(args.keep_groups)
     t = TemperatureSchedule.constant(1.0) if args.temperature is None else args.temperature
     model, ckpt, weights = load(args)
@@ -150,10 +150,10 @@ def _cmd_partial_posterior(args: argparse.Namespace) -> int:
 def _cmd_interpolate(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import save_png
+    from ..formats.checkpoint import save_png
     from ..data import prepare_batch
-    from ..runs import check_output
-    from ..sampling import interpolation
+    from ..training.run_dir import check_output
+    from ..analysis.sampling import interpolation
     model, ckpt, weights = load(args)
     print(f"{weights} weights of {ckpt}")
     out = check_output(args.output or ckpt.with_name(f"interpolation_{args.a}_{args.b}.png"), ".png")
@@ -172,7 +172,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     """Add the commands that draw images to ``sub`` (an argparse subparsers object)."""
-    from ..temperature import HELP, temperature_arg, temperatures_arg
+    from ..analysis.temperature_schedule import HELP, temperature_arg, temperatures_arg
     p = sub.add_parser("sample", help="sample images from the prior (PNG grid and .npz, or .npz chunks for large -n)")
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
     p.add_argument("-n", type=count, default=64,

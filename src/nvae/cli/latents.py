@@ -11,8 +11,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from ..distributed import init_distributed, waiting_for_peers
-    from ..latents import EncodeConfig, encode_dataset
-    from ..runs import check_output, split_of
+    from ..analysis.latent_export import EncodeConfig, encode_dataset
+    from ..training.run_dir import check_output, split_of
     if args.temperature is not None and not args.sample:
         raise ValueError("-t is the temperature of posterior samples; add --sample (without it the posterior "
                          "means are stored)")
@@ -32,7 +32,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
             path = encode_dataset(model, data, output, config, dist_ctx=ctx, progress=args.progress,
                                   identity=identity)
         if ctx.is_main:
-            from ..latents import load_latents
+            from ..analysis.latent_export import load_latents
             latents = load_latents(path)
             kept = "/".join(str(len(k)) for k in latents.channels)
             print(f"wrote {path}: {latents.num_images} images of {dataset} ({args.split}), "
@@ -46,9 +46,9 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 def _cmd_decode(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..checkpoint import save_png
-    from ..latents import decode, decode_to_file, load_latents
-    from ..runs import check_output, load_weights
+    from ..formats.checkpoint import save_png
+    from ..analysis.latent_export import decode, decode_to_file, load_latents
+    from ..training.run_dir import check_output, load_weights
     latents = load_latents(args.latents)
     checkpoint = args.checkpoint or latents.meta.get("checkpoint")
     if checkpoint is None:

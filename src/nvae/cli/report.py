@@ -15,7 +15,7 @@ def _parse_temperatures(text: str) -> list:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ..report import ReportOptions, write_report
+    from ..analysis.report import ReportOptions, write_report
     keep = None
     if args.keep_groups:
         try:

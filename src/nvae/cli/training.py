@@ -42,8 +42,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from .. import NVAEConfig
     from ..config import TrainConfig, parse_overrides
-    from ..runs import new_run_dir, run_configs
-    from ..train import TrainingInterrupted, train
+    from ..training.run_dir import new_run_dir, run_configs
+    from ..training.loop import TrainingInterrupted, train
 
     run_dir = Path(args.run_dir) if args.run_dir else None
     if args.resume:
@@ -58,7 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                              parse_overrides(args.model, NVAEConfig), train_over)
     run_dir = run_dir or new_run_dir(name)
     if args.tune_allocator:
-        from ..runtime import tune_cpu_allocator
+        from ..speedups.cpu import tune_cpu_allocator
         tune_cpu_allocator()
     main_process = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 talks
     if main_process:

@@ -104,7 +104,7 @@ def load_omniglot(path) -> Tuple[np.ndarray, np.ndarray]:
 
 def download_omniglot(folder, url: str = OMNIGLOT_URL) -> Path:
     """Fetch ``chardata.mat`` into ``folder`` (atomically) unless it is there; its path."""
-    from ..checkpoint import atomic_write
+    from ..formats.checkpoint import atomic_write
     target = Path(folder) / OMNIGLOT_FILE
     if target.exists():
         return target

@@ -63,7 +63,7 @@ class _Split:
 
 
 def _write_json(path: Path, obj) -> None:
-    from ..checkpoint import atomic_write
+    from ..formats.checkpoint import atomic_write
     text = json.dumps(obj, indent=1) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 

@@ -83,7 +83,7 @@ def _cifar10(split: str, root=None, download=False, flip: bool = True) -> Datase
 @register("celeba64")
 def _celeba64(split: str, root=None, download=False, image_size: int = 64, channels: int = 3, flip: bool = True,
               strict: bool = False, scan: str = "none") -> Dataset:
-    """CelebA 64x64 (NVAE.md section 3): aligned 178x218 images cropped to the box
+    """CelebA 64x64 (the official ``datasets.py``): aligned 178x218 images cropped to the box
     (15, 40, 163, 188), resized to 64, flipped on the training split.
 
     Reads, in this order: the official layout (``ROOT/train.lmdb`` and

@@ -56,7 +56,7 @@ def image_transform(image_size: int, channels: int, flip: bool, crop_box: Option
     return transforms.Compose(steps)
 
 
-#: NVAE.md section 3: CelebA 64 crops the aligned 178x218 image to this PIL box, then resizes to 64.
+#: The official ``datasets.py``: CelebA 64 crops the aligned 178x218 image to this PIL box, then resizes to 64.
 CELEBA64_CROP = (15, 40, 15 + 148, 40 + 148)
 
 

@@ -1,0 +1,574 @@
+"""One self-contained HTML page per run: configs, training curves, evaluations, images, KL per group.
+
+The page carries everything inline (PNG images and plots as ``data:`` URIs, a few lines
+of CSS), so it can be mailed, archived or opened offline; nothing refers to the network.
+What the page shows is read from the run directory itself, generically, so that outputs
+added by later commands appear without changes here:
+
+* every scalar tag of the run's TensorBoard events is plotted and tabulated (tags
+  ``PREFIX/group_N`` share one plot per prefix);
+* every ``*.json`` file in the run directory other than the two configs is an evaluation
+  and is shown as a table;
+* every PNG in the run directory that no other section shows goes to "Other images".
+
+Images drawn from the checkpoint now (samples, reconstructions, partial posteriors) use a
+fixed seed, so two reports of the same checkpoint show the same pictures.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..formats.checkpoint import CheckpointError, atomic_write, safe_load
+from ..training.run_dir import check_output, load_weights
+
+CONFIG_FILES = ("model_config.json", "train_config.json")
+#: the curves a reader looks at first, in this order; every other tag follows (val/ first, then by name)
+HEADLINE_TAGS = ("train/nelbo", "train/recon", "train/kl", "train/lr", "train/skipped_steps", "train/grad_norm")
+GROUP_TAG = re.compile(r"^(?P<prefix>.+)/group_(?P<index>\d+)$")
+Scalars = Dict[str, List[Tuple[int, float]]]
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What :func:`write_report` draws, and from what.
+
+    ``draw_images=False`` runs nothing through the model: the page then shows only the
+    PNGs the run directory already holds, and the KL plot only from a ``kl_stats*.json``
+    there. ``data`` / ``dataset`` default to what the checkpoint recorded (the digits
+    data needs no folder); without data the sections that need it say so.
+    """
+
+    temperatures: Tuple[float, ...] = (0.6, 0.8, 1.0)
+    draw_images: bool = True
+    data: Optional[str] = None
+    dataset: Optional[str] = None
+    split: str = "test"
+    num_samples: int = 36
+    num_inputs: int = 8
+    keep_groups: Optional[Tuple[int, ...]] = None   #: None: 0, 1, 2, 4, ... and every group
+    partial_temperature: float = 0.8
+    kl_images: int = 512
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    weights: str = "auto"   #: "ema", "raw" or "auto" (the EMA when the run kept one), as runs.load_weights
+
+    def __post_init__(self):
+        if not self.temperatures or any(not math.isfinite(t) or t < 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be finite numbers >= 0, at least one, got {self.temperatures}")
+        for name in ("num_samples", "num_inputs", "kl_images"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not math.isfinite(self.partial_temperature) or self.partial_temperature < 0:
+            raise ValueError(f"partial_temperature must be a finite number >= 0, got {self.partial_temperature}")
+        if self.split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {self.split!r}")
+
+
+@dataclass
+class Section:
+    """One part of the page: an anchor id, a heading, its HTML body (already escaped)."""
+
+    id: str
+    title: str
+    body: str = ""
+    images: List[Path] = field(default_factory=list)   #: run-directory PNGs this section shows
+
+    def note(self, text: str) -> "Section":
+        """Say in the page why (part of) this section has nothing to show."""
+        self.body += f'<p class="note">{html.escape(text)}</p>\n'
+        return self
+
+
+# ------------------------------------------------------------------ reading the run
+def read_scalars(run_dir: Union[str, Path]) -> Scalars:
+    """Every scalar tag of the TensorBoard events in ``run_dir``: tag -> [(step, value), ...] by step.
+
+    Resumed runs append to the same directory; TensorBoard's reader drops the steps a
+    resume purged, so each step appears once, as the run finally logged it.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = Path(run_dir)
+    if not any(run_dir.glob("events.out.tfevents.*")):
+        return {}
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags().get("scalars", []):
+        by_step = {e.step: float(e.value) for e in acc.Scalars(tag)}   # the last write of a step wins
+        out[tag] = sorted(by_step.items())
+    return out
+
+
+def evaluation_files(run_dir: Path) -> List[Path]:
+    """The JSON files of ``run_dir`` that are results (everything but the configs and partial sums)."""
+    return sorted(p for p in run_dir.glob("*.json")
+                  if p.name not in CONFIG_FILES and not p.name.endswith(".partial.json") and p.is_file())
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return e
+
+
+# ------------------------------------------------------------------ HTML pieces
+def png_data_uri(png: bytes) -> str:
+    """``png`` as a ``data:image/png;base64,...`` URI."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img src="{png_data_uri(png)}" alt="{html.escape(alt)}">'
+
+
+def _figure(png: bytes, caption: str) -> str:
+    return f"<figure>{_img(png, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>\n"
+
+
+def _table(rows: Sequence[Sequence], header: Optional[Sequence[str]] = None) -> str:
+    head = "" if header is None else "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_text(c))}</td>" for c in row) + "</tr>\n" for row in rows)
+    return f"<table>{head}\n{body}</table>\n"
+
+
+def _text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple, dict)):
+        text = json.dumps(value)
+        return text if len(text) <= 200 else text[:197] + "..."
+    return str(value)
+
+
+def _flatten(obj, prefix: str = "") -> List[Tuple[str, object]]:
+    """A JSON object as (dotted key, value) rows; lists stay one value."""
+    if not isinstance(obj, dict):
+        return [(prefix or "(value)", obj)]
+    rows = []
+    for key, value in obj.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        rows.extend(_flatten(value, name) if isinstance(value, dict) else [(name, value)])
+    return rows
+
+
+def tensor_png(images: torch.Tensor, nrow: int, min_side: int = 48) -> bytes:
+    """A grid of images in [0, 1] as PNG bytes; small images scaled up (nearest) to ``min_side`` pixels."""
+    from torchvision.utils import make_grid
+    images = images.detach().float().clamp(0, 1).cpu()
+    scale = max(1, min_side // images.shape[-1])
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = make_grid(images, nrow=max(1, nrow), padding=2, pad_value=1.0)
+    from PIL import Image
+    array = grid.mul(255).round().byte().permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="png")
+    return buf.getvalue()
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=90)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ------------------------------------------------------------------ sections without the model
+def run_section(run_dir: Path, ckpt: Path, stored: dict, weights: str) -> Section:
+    """What the run is: its checkpoint, step, the weights the images come from ("ema", "raw" or a
+    reason there are none), its data and when this page was made."""
+    from .. import __version__
+    sec = Section("run", "Run")
+    data = stored.get("data") or {}
+    rows = [("run directory", str(run_dir.resolve())), ("checkpoint", ckpt.name),
+            ("step", stored.get("step", "(not recorded)")),
+            ("weights of the images drawn", weights),
+            ("data set", data.get("dataset") or (stored.get("train_config") or {}).get("dataset", "(not recorded)")),
+            ("data folder", data.get("root") or "(built in or not recorded)"),
+            ("training images", data.get("train_images", "(not recorded)")),
+            ("report written", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")),
+            ("nvae version", __version__)]
+    sec.body += _table(rows)
+    return sec
+
+
+def configs_section(run_dir: Path, stored: dict) -> Section:
+    """The model and training configs: the run's JSON files, else the checkpoint's copies."""
+    sec = Section("configs", "Configs")
+    for name, key in zip(CONFIG_FILES, ("config", "train_config")):
+        path = run_dir / name
+        config = _read_json(path) if path.is_file() else stored.get(key)
+        sec.body += f"<h3>{html.escape(name)}</h3>\n"
+        if isinstance(config, dict):
+            sec.body += _table(sorted(config.items()), ("field", "value"))
+        elif isinstance(config, Exception):
+            sec.note(f"{path} could not be read: {config}")
+        else:
+            sec.note(f"no {name} in the run directory and none in the checkpoint")
+    return sec
+
+
+def _plot_groups(scalars: Scalars) -> List[Tuple[str, List[str]]]:
+    """(title, tags) per plot: ``PREFIX/group_N`` tags share a plot, every other tag has its own;
+    ``train/`` first, then ``val/``, then the rest by name."""
+    grouped: Dict[str, List[Tuple[int, str]]] = {}
+    single = []
+    for tag in scalars:
+        m = GROUP_TAG.match(tag)
+        if m:
+            grouped.setdefault(m["prefix"], []).append((int(m["index"]), tag))
+        else:
+            single.append(tag)
+    plots = [(tag, [tag]) for tag in single]
+    plots += [(f"{prefix}/group_* ({len(tags)} groups)", [t for _, t in sorted(tags)])
+              for prefix, tags in grouped.items()]
+
+    def order(item):
+        title = item[0]
+        if title in HEADLINE_TAGS:
+            return (0, HEADLINE_TAGS.index(title), title)
+        head = title.split("/")[0]
+        return ({"val": 1, "kl": 2, "train": 3}.get(head, 4), 0, title)
+    return sorted(plots, key=order)
+
+
+def _curve_png(title: str, tags: List[str], scalars: Scalars) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+    for tag in tags:
+        steps, values = zip(*scalars[tag])
+        label = tag.rsplit("/", 1)[-1]
+        ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+    if 1 < len(tags) <= 12:
+        ax.legend(fontsize=6, ncol=2)
+    finite = [v for tag in tags for _, v in scalars[tag] if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 1e3:
+        ax.set_yscale("log")   # a loss that falls by orders of magnitude stays readable
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def curves_section(run_dir: Path, scalars: Scalars) -> Section:
+    """Every scalar of the run's events: one plot per tag (per prefix for per-group tags) and a table."""
+    sec = Section("curves", "Training curves")
+    if not scalars:
+        return sec.note(f"no TensorBoard events with scalars in {run_dir}; the run logged none "
+                        "(or its events were removed)")
+    sec.body += '<div class="grid">\n'
+    for title, tags in _plot_groups(scalars):
+        sec.body += _figure(_curve_png(title, tags, scalars), title)
+    sec.body += "</div>\n"
+    rows = []
+    for tag, points in sorted(scalars.items()):
+        values = [v for _, v in points]
+        rows.append((tag, len(points), points[0][0], points[-1][0], points[-1][1], min(values), max(values)))
+    sec.body += "<h3>Every scalar</h3>\n"
+    sec.body += _table(rows, ("tag", "points", "first step", "last step", "last value", "min", "max"))
+    return sec
+
+
+def evaluations_section(run_dir: Path) -> Section:
+    """Every result JSON of the run directory, one table each."""
+    sec = Section("evaluations", "Evaluations")
+    files = evaluation_files(run_dir)
+    if not files:
+        return sec.note("no evaluation JSON in the run directory; nvae eval RUN, nvae fid RUN or nvae kl-stats RUN "
+                        "write them there")
+    for path in files:
+        sec.body += f"<h3>{html.escape(path.name)}</h3>\n"
+        content = _read_json(path)
+        if isinstance(content, Exception):
+            sec.note(f"could not be read: {content}")
+        else:
+            sec.body += _table(_flatten(content), ("key", "value"))
+    return sec
+
+
+def other_images_section(run_dir: Path, shown: set) -> Section:
+    """Every PNG of the run directory that no other section shows."""
+    sec = Section("other-images", "Other images")
+    rest = [p for p in sorted(run_dir.glob("*.png")) if p.resolve() not in shown and p.is_file()]
+    if not rest:
+        return sec.note("no other PNG in the run directory")
+    for path in rest:
+        sec.body += _figure(path.read_bytes(), path.name)
+    return sec
+
+
+def _png_ok(data: bytes) -> bool:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        return data[:8] == b"\x89PNG\r\n\x1a\n"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
+
+
+def _run_png(sec: Section, path: Path, caption: str) -> None:
+    """Show the run's PNG ``path`` in ``sec`` (or say it is damaged), and mark it shown."""
+    data = path.read_bytes()
+    sec.images.append(path.resolve())
+    if _png_ok(data):
+        sec.body += _figure(data, caption)
+    else:
+        sec.note(f"{path.name} is not a readable PNG (damaged or truncated); not shown")
+
+
+# ------------------------------------------------------------------ sections drawn from the model
+def default_keep_groups(num_groups: int) -> List[int]:
+    """0, 1, 2, 4, 8, ... below ``num_groups``, then ``num_groups``: rows from a prior sample to the
+    reconstruction, denser where the coarse groups decide the most."""
+    keep, k = [0], 1
+    while k < num_groups:
+        keep.append(k)
+        k *= 2
+    return keep + [num_groups]
+
+
+def _generator(options: ReportOptions) -> torch.Generator:
+    return torch.Generator(device=options.device).manual_seed(options.seed)
+
+
+def samples_section(model, run_dir: Path, options: ReportOptions) -> Section:
+    """Prior samples at each temperature (drawn now, seeded), and the sample grids the run holds."""
+    sec = Section("samples", "Samples")
+    if model is None:
+        sec.note("not drawn from the checkpoint (--no-images / draw_images=False)")
+    else:
+        n = options.num_samples
+        for t in options.temperatures:
+            images = model.sample(n, t, _generator(options))
+            sec.body += _figure(tensor_png(images, nrow=max(1, int(math.sqrt(n)))),
+                                f"temperature {t:g}: {n} samples from the prior, seed {options.seed}, "
+                                "the checkpoint's BN statistics")
+    found = [p for p in [run_dir / "samples.png", *sorted(run_dir.glob("samples_*.png"))] if p.is_file()]
+    for path in found:
+        _run_png(sec, path, f"{path.name}: " + ("the last grid written during training (temperature 1)"
+                                                 if path.name == "samples.png" else "written by nvae sample"))
+    if model is None and not found:
+        sec.note("the run directory holds no samples*.png either")
+    return sec
+
+
+def _inputs(model, data, options: ReportOptions) -> torch.Tensor:
+    """The first ``num_inputs`` images of the split, as the model sees them (binarised / quantised)."""
+    from ..data import prepare_batch
+    x = torch.stack([data[i][0] for i in range(min(options.num_inputs, len(data)))]).to(options.device)
+    return prepare_batch(x, model.config, _generator(options))
+
+
+def reconstructions_section(model, inputs: Optional[torch.Tensor], why: str, run_dir: Path) -> Section:
+    """Inputs beside their reconstructions (posterior means), and the run's own grid."""
+    from .sampling import reconstructions
+    sec = Section("reconstructions", "Reconstructions")
+    if inputs is not None:
+        pairs = reconstructions(model, inputs, 0.0)
+        sec.body += _figure(tensor_png(pairs, nrow=2 * min(4, len(inputs))),
+                            f"{len(inputs)} inputs, each beside its reconstruction from the posterior means")
+    else:
+        sec.note(f"not drawn now: {why}")
+    path = run_dir / "reconstructions.png"
+    if path.is_file():
+        _run_png(sec, path, "reconstructions.png: the last grid written during training (input, reconstruction)")
+    elif inputs is None:
+        sec.note("the run directory holds no reconstructions.png either")
+    return sec
+
+
+def partial_posterior_section(model, inputs: Optional[torch.Tensor], why: str,
+                              options: ReportOptions) -> Section:
+    """One row per k: the first k groups from q(z|x) (means), the rest from the prior at a temperature."""
+    sec = Section("partial-posterior", "Partial posteriors")
+    if inputs is None:
+        return sec.note(f"not drawn: {why}")
+    keep = list(options.keep_groups) if options.keep_groups is not None else default_keep_groups(model.num_groups)
+    t = options.partial_temperature
+    sec.body += (f"<p>Row k: the first k of {model.num_groups} latent groups (coarsest first) from q(z|x) at their "
+                 f"means, the others from the prior at temperature {t:g} (seed {options.seed}); each image is the "
+                 "mean of p(x|z). k = 0 is a prior sample, k = all groups the reconstruction.</p>\n")
+    rows = [("input", tensor_png(inputs, nrow=len(inputs)))]
+    for k in keep:
+        logits = model.partial_posterior_logits(inputs, keep=k, temperature=t, generator=_generator(options))
+        rows.append((f"k = {k}", tensor_png(model.output_distribution(logits).mean(), nrow=len(inputs))))
+    sec.body += "<table>\n" + "".join(f"<tr><th>{html.escape(label)}</th><td>{_img(png, label)}</td></tr>\n"
+                                      for label, png in rows) + "</table>\n"
+    return sec
+
+
+def _kl_from_json(run_dir: Path):
+    """(KLStats, file name) from the first readable kl_stats*.json of the run, or (None, None)."""
+    from dataclasses import MISSING, fields
+
+    from .likelihood import KLStats
+    names = [f.name for f in fields(KLStats)]
+    required = [f.name for f in fields(KLStats) if f.default is MISSING]
+    for path in sorted(run_dir.glob("kl_stats*.json")):
+        content = _read_json(path)
+        if isinstance(content, dict) and all(n in content for n in required):
+            return KLStats(**{n: content[n] for n in names if n in content}), path.name
+    return None, None
+
+
+def _kl_png(stats) -> bytes:
+    plt = _pyplot()
+    groups = range(len(stats.kl_per_group))
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(max(4.5, 0.25 * len(groups)), 4.2))
+    top.bar(groups, stats.kl_per_group)
+    top.set_ylabel("KL (nats/image)", fontsize=8)
+    top.set_title(f"KL and active units per group, {stats.num_images} images", fontsize=9)
+    bottom.bar(groups, stats.active_units, color="tab:orange")
+    bottom.axhline(stats.units_per_group, color="grey", linewidth=0.8, linestyle="--")
+    bottom.set_ylabel(f"active (of {stats.units_per_group})", fontsize=8)
+    bottom.set_xlabel("latent group (coarsest first)", fontsize=8)
+    for ax in (top, bottom):
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def kl_section(model, data, why: str, run_dir: Path, options: ReportOptions) -> Section:
+    """Per-group KL and active units (``evaluate.kl_statistics``) over the split, or from the run's
+    ``kl_stats*.json`` when the model cannot be run on data."""
+    from .likelihood import kl_statistics
+    sec = Section("kl", "KL and active units per group")
+    if model is not None and data is not None:
+        stats = kl_statistics(model, data, max_images=options.kl_images, progress=options.progress,
+                              generator=_generator(options))
+        source = f"computed now on the {options.split} split ({stats.num_images} images, seed {options.seed})"
+    else:
+        stats, name = _kl_from_json(run_dir)
+        if stats is None:
+            return sec.note(f"not computed: {why}; and the run directory holds no kl_stats*.json "
+                            "(nvae kl-stats RUN writes one)")
+        source = f"read from {name} (not computed now: {why})"
+    sec.body += (f"<p>{html.escape(source)}; a unit is active when its average KL exceeds "
+                 f"{stats.threshold:g} nats.</p>\n")
+    sec.body += _figure(_kl_png(stats), "KL per group (top) and active units (bottom)")
+    rows = [(i, kl, active) for i, (kl, active) in enumerate(zip(stats.kl_per_group, stats.active_units))]
+    sec.body += _table(rows, ("group", "KL (nats/image)", f"active units (of {stats.units_per_group})"))
+    return sec
+
+
+# ------------------------------------------------------------------ the page
+def _report_data(ckpt: Path, model, options: ReportOptions):
+    """The split the image sections draw on; a ValueError / OSError saying why there is none."""
+    from ..training.run_dir import split_of
+    return split_of(ckpt, model.config, options.split, options.dataset, options.data)[1]
+
+
+def _stored(ckpt: Path) -> dict:
+    try:
+        state = safe_load(ckpt, allowed_globals=[argparse.Namespace])
+    except CheckpointError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+_CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
+h2{border-bottom:1px solid #ccc;padding-top:.5em}table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:2px 8px;font-size:13px;text-align:left;vertical-align:middle}
+.grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:4px}figcaption{font-size:12px;color:#555;max-width:420px}
+img{image-rendering:pixelated}.note{color:#8a4b00;background:#fff6e5;padding:4px 8px}"""
+
+
+def render_page(title: str, sections: Sequence[Section]) -> str:
+    """The HTML document: a table of contents, then each section under its heading."""
+    toc = "".join(f'<li><a href="#{s.id}">{html.escape(s.title)}</a></li>' for s in sections)
+    body = "".join(f'<section id="{s.id}">\n<h2>{html.escape(s.title)}</h2>\n{s.body}</section>\n' for s in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}'
+            f"</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<h1>{html.escape(title)}</h1>\n<ul>{toc}</ul>\n"
+            f"{body}</body>\n</html>\n")
+
+
+def _locate(run: Union[str, Path]) -> Tuple[Path, Path]:
+    """(run directory, checkpoint) from a run directory or a checkpoint file."""
+    path = Path(run)
+    run_dir, ckpt = (path, path / "checkpoint.pt") if path.is_dir() else (path.parent, path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint at {ckpt}; pass a run directory (holding checkpoint.pt) "
+                                "or a checkpoint file")
+    return run_dir, ckpt
+
+
+def _model_and_inputs(ckpt: Path, options: ReportOptions):
+    """(model or None, "ema"/"raw" weights, data or None, inputs or None, why there are no data)."""
+    if not options.draw_images:
+        return None, "none (--no-images)", None, None, "images are not drawn from the checkpoint (--no-images)"
+    model, _, weights = load_weights(ckpt, options.device, options.weights)
+    bad = [k for k in options.keep_groups or () if not 0 <= k <= model.num_groups]
+    if bad:
+        raise ValueError(f"keep groups {bad} are out of range: the model has {model.num_groups} latent groups, "
+                         f"so k must be in 0..{model.num_groups}")
+    try:
+        data = _report_data(ckpt, model, options)
+    except (ValueError, OSError) as e:
+        return model, weights, None, None, f"the {options.split} data could not be loaded ({e}); pass --data DIR"
+    return model, weights, data, _inputs(model, data, options), ""
+
+
+def build_report(run: Union[str, Path], options: ReportOptions = ReportOptions()) -> str:
+    """The HTML page of the run in ``run`` (a run directory or a checkpoint file in one), as text.
+
+    Sections: run, configs, training curves, evaluations, samples, reconstructions, partial
+    posteriors, KL and active units, other images; one that lacks its inputs says why.
+    """
+    from tqdm import tqdm
+    run_dir, ckpt = _locate(run)
+    stored = _stored(ckpt)
+    model, weights, data, inputs, why = _model_and_inputs(ckpt, options)
+    steps = [
+        lambda: run_section(run_dir, ckpt, stored, weights),
+        lambda: configs_section(run_dir, stored),
+        lambda: curves_section(run_dir, read_scalars(run_dir)),
+        lambda: evaluations_section(run_dir),
+        lambda: samples_section(model, run_dir, options),
+        lambda: reconstructions_section(model, inputs, why, run_dir),
+        lambda: partial_posterior_section(model, inputs, why, options),
+        lambda: kl_section(model, data, why, run_dir, options),
+    ]
+    sections = [make() for make in tqdm(steps, desc="report sections", disable=not options.progress)]
+    shown = {p for s in sections for p in s.images}
+    sections.append(other_images_section(run_dir, shown))
+    return render_page(f"nvae run {run_dir.resolve().name}", sections)
+
+
+def write_report(run: Union[str, Path], output: Optional[Union[str, Path]] = None,
+                 options: ReportOptions = ReportOptions()) -> Path:
+    """Write :func:`build_report`'s page to ``output`` (default ``RUN/report.html``) atomically; its path."""
+    run_dir, _ = _locate(run)
+    output = check_output(output if output is not None else run_dir / "report.html", ".html")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"the folder {output.parent} of the output does not exist; create it or choose "
+                                "another --output")
+    page = build_report(run, options)
+    atomic_write(output, lambda f: f.write(page.encode("utf-8")))
+    return output

@@ -1,0 +1,397 @@
+"""Run directories: the checks before a run is written or resumed, what it logs, and reading models back.
+
+A run directory holds ``model_config.json``, ``train_config.json``, ``checkpoint.pt``
+(:meth:`nvae.training.state.TrainState.save`), TensorBoard ``events.*``, ``samples.png``,
+``reconstructions.png`` and ``log.txt``. :func:`load_weights` (and :func:`load_any`) reads a
+model from a run directory, one of our checkpoints or an official one, with the EMA of its
+weights when the run kept one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+
+from ..formats.checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_load, save_png, upgrade
+from ..config import TRAIN_PRESETS, NVAEConfig, TrainConfig
+from ..data import prepare_batch
+from .ema import stored_ema
+from ..model.network import NVAE, training_mode
+from ..formats.official import OFFICIAL_DATASETS
+
+log = logging.getLogger("nvae.training.loop")
+
+#: Options that only steer a run (when to stop, log, write): a resumed run may change them.
+RUN_CONTROL = ("max_steps", "max_minutes", "log_every", "image_every", "checkpoint_every", "allow_data_change",
+               "dist_timeout_minutes", "eval_every", "eval_samples", "final_eval_samples", "eval_max_images")
+
+
+class RunDirError(ValueError):
+    """The run directory does not fit the request (holds another run, or nothing to resume)."""
+
+
+# ------------------------------------------------------------------ checks
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "checkpoint.pt").exists() or (run_dir / "model_config.json").exists()
+
+
+def stored_run_configs(run_dir: Path):
+    """(model config dict, train config dict, checkpoint dict or None) of an existing run directory."""
+    ckpt = run_dir / "checkpoint.pt"
+    if ckpt.is_file():
+        state = read_checkpoint(ckpt)
+        if not isinstance(state.get("train_config"), dict):
+            raise CheckpointError(f"{ckpt} holds a model but no training state; it cannot be resumed")
+        return state["config"], state["train_config"], state
+    try:
+        return (json.loads((run_dir / "model_config.json").read_text()),
+                json.loads((run_dir / "train_config.json").read_text()), None)
+    except FileNotFoundError:
+        raise RunDirError(f"{run_dir} holds no run to resume (no checkpoint.pt or configs); check the path, "
+                          "or start a new run without --resume") from None
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{run_dir} holds damaged configs ({e}); start a new run in another --run-dir") from None
+
+
+def check_same_run(stored_model: dict, stored_train: dict, model_config: NVAEConfig, cfg: TrainConfig,
+                   where: Path) -> None:
+    """Refuse to continue a run under a different configuration (only :data:`RUN_CONTROL` may change)."""
+    model_diff = sorted(k for k, v in model_config.to_dict().items() if stored_model.get(k, v) != v)
+    model_diff += sorted(set(stored_model) - set(model_config.to_dict()))
+    train_diff = sorted(k for k, v in cfg.to_dict().items()
+                        if k not in RUN_CONTROL and stored_train.get(k, v) != v)
+    if model_diff or train_diff:
+        parts = [f"model {', '.join(model_diff)}" if model_diff else "", f"training {', '.join(train_diff)}"
+                 if train_diff else ""]
+        raise RunDirError(f"{where} holds a run with a different configuration ({'; '.join(p for p in parts if p)} "
+                          f"differ); resume it without those overrides, or train into another --run-dir")
+
+
+def checkpoint_to_resume(run_dir: Path, model_config: NVAEConfig, cfg: TrainConfig, resume: bool) -> Optional[dict]:
+    """The checkpoint a run continues from (None: a new run, or nothing saved yet), after checking
+    that ``run_dir`` fits the request. Nothing is written."""
+    if not resume:
+        if holds_run(run_dir):
+            raise RunDirError(f"{run_dir} already holds a run; continue it with --resume, or choose another --run-dir")
+        return None
+    stored_model, stored_train, state = stored_run_configs(run_dir)
+    check_same_run(stored_model, stored_train, model_config, cfg, run_dir)
+    return state
+
+
+def data_identity(dataset: str, root: Optional[str], train_images: int) -> dict:
+    """What identifies a run's training data: the data set, its folder and the number of images."""
+    return {"dataset": dataset, "root": None if root is None else str(Path(root).resolve()),
+            "train_images": train_images}
+
+
+def check_same_data(stored: Optional[dict], identity: dict, allowed: bool, where: Path) -> None:
+    """Refuse to resume a run on other data than it trained on (its schedules would change mid-run)."""
+    before = (stored or {}).get("data")
+    if before is None or before == identity or allowed:
+        return
+    def text(d):  # noqa: E306
+        return f"{d['dataset']} in {d['root'] or '(built in)'}, {d['train_images']} training images"
+    raise RunDirError(f"{where} trained on {text(before)}; now it is given {text(identity)}. Resume with the same "
+                      "--data, or pass --allow-data-change to continue on the new data")
+
+
+def run_configs(preset: Optional[str], resume_dir: Optional[Path], model_overrides: dict,
+                train_overrides: dict) -> Tuple[str, NVAEConfig, TrainConfig]:
+    """``(name, model config, training config)`` of a run: a preset (default ``digits``) with overrides,
+    or, resuming without a preset, the stored configs of ``resume_dir`` with overrides (which
+    :func:`check_same_run` later limits to :data:`RUN_CONTROL`)."""
+    if resume_dir is not None and preset is None:
+        stored_model, stored_train, _ = stored_run_configs(resume_dir)
+        stored_train = {k: v for k, v in stored_train.items() if k != "allow_data_change"}   # asked anew each time
+        model_cfg = dataclasses.replace(NVAEConfig.from_dict(stored_model), **model_overrides)
+        return "run", model_cfg, TrainConfig.from_dict({**stored_train, **train_overrides})
+    name = preset or "digits"
+    base = TrainConfig.preset(name) if name in TRAIN_PRESETS else TrainConfig()
+    return name, NVAEConfig.preset(name, **model_overrides), TrainConfig.from_dict({**base.to_dict(),
+                                                                                     **train_overrides})
+
+
+def new_run_dir(name: str) -> Path:
+    """``runs/NAME-YYYYmmdd-HHMMSS``: where a run goes when no directory is given."""
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunLock:
+    """Exclusive ownership of a run directory while a process trains into it.
+
+    An ``flock`` on ``RUN/.nvae.lock`` (which records the holder's PID): the kernel
+    releases it when the process ends, killed or not, so a stale lock never blocks a
+    resume. A second ``nvae train`` into the same directory, or a ``--resume`` of a run
+    still training, is refused with the holder's PID. Under torchrun rank 0 holds it.
+    """
+
+    NAME = ".nvae.lock"
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path, self._fd = run_dir, run_dir / self.NAME, None
+        self._made_dir = self._made_file = False
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:   # not a POSIX system: no lock, as before
+            return self
+        self._made_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._made_file = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"{self.run_dir} is in use by another nvae process (PID {holder}); wait for it to "
+                              "finish or stop it, or train into another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self, keep: bool = True) -> None:
+        """Give the directory up; with ``keep=False`` remove what taking the lock created."""
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        if not keep and self._made_file:
+            self.path.unlink(missing_ok=True)
+            if self._made_dir and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()
+
+
+def check_output(path: Union[str, Path], suffix: str) -> Path:
+    """``path`` if a command may write its ``suffix`` file there; a clear error where the write would
+    destroy something it did not make for that purpose (a run's checkpoint, configs or log, a
+    directory, a file of another kind)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"the output {path} is a directory; give a file name ending in {suffix}")
+    run_files = {"checkpoint.pt", "model_config.json", "train_config.json", "log.txt", RunLock.NAME}
+    if path.name in run_files or path.name.startswith("events.out.tfevents."):
+        raise ValueError(f"refusing to write over {path}: it belongs to a run; choose another --output")
+    if path.suffix != suffix:
+        raise ValueError(f"the output {path} should end in {suffix} (the file this command writes)")
+    return path
+
+
+def write_configs(run_dir: Path, model_config: NVAEConfig, cfg: TrainConfig) -> None:
+    """Both configs as JSON in ``run_dir``."""
+    write_json(run_dir / "model_config.json", model_config.to_dict(), sort_keys=True)
+    write_json(run_dir / "train_config.json", cfg.to_dict())
+
+
+def write_json(path: Union[str, Path], obj, sort_keys: bool = False) -> None:
+    """``obj`` as indented JSON, written atomically. A number that is not finite (which JSON cannot
+    hold, and which means the result is garbage) is an error, and nothing is written."""
+    bad = _non_finite(obj)
+    if bad is not None:
+        raise ValueError(f"not writing {path}: {bad[0]} is {bad[1]}, not a finite number; the model or the data "
+                         "hold NaN or inf (check the checkpoint)")
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _non_finite(obj, where: str = "a value"):
+    """(where, value) of the first non-finite float in a JSON-like ``obj``, or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, str(key))
+        if found is not None:
+            return found
+    return None
+
+
+# ------------------------------------------------------------------ logging
+class RunLog:
+    """What the main process writes while a run trains: ``log.txt``, TensorBoard events, image grids.
+
+    On other processes every method does nothing.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, purge_step: Optional[int] = None):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.writer = self.handler = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.handler = logging.FileHandler(run_dir / "log.txt")
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(self.handler)
+            log.setLevel(logging.INFO)
+            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+
+    def info(self, msg: str, *args) -> None:
+        if self.enabled:
+            log.info(msg, *args)
+
+    def warning(self, msg: str, *args) -> None:
+        if self.enabled:
+            log.warning(msg, *args)
+
+    def scalars(self, step: int, stats: dict, extra: dict) -> None:
+        """Batch means of the loss terms (``stats``) and per-step values (``extra``) at ``step``."""
+        if not self.enabled:
+            return
+        for name in ("nelbo", "recon", "kl"):
+            self.writer.add_scalar(f"train/{name}", stats[name].item(), step)
+        for name, value in extra.items():
+            self.writer.add_scalar(f"train/{name}", float(value), step)
+        active = (stats["kl_channels"] > 0.1).sum(1)   # the official threshold, per latent channel
+        for i in range(stats["kl_groups"].shape[0]):
+            self.writer.add_scalar(f"kl/group_{i}", stats["kl_groups"][i].item(), step)
+            self.writer.add_scalar(f"active/group_{i}", active[i].item(), step)
+            self.writer.add_scalar(f"kl_balance/group_{i}", stats["kl_coeffs"][i].item(), step)
+
+    @torch.no_grad()
+    def images(self, model: NVAE, fixed: torch.Tensor, step: int) -> None:
+        """Prior samples, and the reconstructions of the test images ``fixed``, as PNG grids."""
+        if not self.enabled:
+            return
+        from torchvision.utils import make_grid
+        with training_mode(model, False):
+            # A generator of its own: writing images must not move the training's random streams.
+            gen = torch.Generator(device=fixed.device).manual_seed(step)
+            samples = model.sample(64, temperature=1.0, generator=gen, mean=True)
+            x = prepare_batch(fixed, model.config, gen)
+            recon = model.output_distribution(model(x, temperature=0.0).logits).mean()
+        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)
+        for name, images in (("samples", samples), ("reconstructions", pairs)):
+            save_grid(images, self.run_dir / f"{name}.png")
+            self.writer.add_image(name, make_grid(images, nrow=8), step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            log.removeHandler(self.handler)
+            self.handler.close()
+
+
+def save_grid(images: torch.Tensor, path: Path, min_side: int = 128) -> None:
+    """A PNG grid, scaled up (nearest) so small images stay visible; written atomically."""
+    scale = max(1, min_side // (images.shape[-1] * 8))
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    save_png(images, path, nrow=int(math.sqrt(images.shape[0])), padding=1)
+
+
+# ------------------------------------------------------------------ reading back
+#: What :func:`load_weights` may be asked for: the EMA when there is one, the EMA, or the raw weights.
+WEIGHTS = ("auto", "ema", "raw")
+
+
+class LoadedModel(NamedTuple):
+    """A model read back for use (eval mode), where it came from, and which weights it holds."""
+
+    model: NVAE
+    checkpoint: Path
+    weights: str        #: "ema" (the run's EMA of the weights) or "raw" (the weights as trained)
+
+
+def load_weights(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                 weights: str = "auto") -> LoadedModel:
+    """The model of a run directory, one of our checkpoints, or an official one, in eval mode.
+
+    ``weights="auto"`` gives the EMA of the weights when the run kept one (``ema_rate`` > 0)
+    and the raw weights otherwise; ``"ema"`` insists on the EMA, ``"raw"`` never uses it. The
+    returned :attr:`LoadedModel.weights` says which was used; fingerprints of the model
+    (:func:`nvae.formats.checkpoint.model_fingerprint`, so the BN re-adjustment cache) follow it.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint at {p}; pass a run directory or a checkpoint file")
+    try:
+        state = read_checkpoint(p)
+    except CheckpointError as ours:
+        try:
+            official = safe_load(p, device, allowed_globals=[argparse.Namespace])
+        except CheckpointError:
+            raise ours from None
+        if not (isinstance(official, dict) and "args" in official):
+            raise ours from None
+        _check_ema_wanted(weights, None, p)
+        return LoadedModel(NVAE.from_official(p, device), p, "raw")
+    ema = stored_ema(state)
+    _check_ema_wanted(weights, ema, p)
+    used = "raw" if weights == "raw" or ema is None else "ema"
+    try:
+        model = NVAE(NVAEConfig.from_dict(state["config"]))
+        model.load_state_dict(ema if used == "ema" else upgrade(state, model)["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{p} is damaged or inconsistent: {str(e).splitlines()[0][:300]}") from None
+    return LoadedModel(model.to(device).eval(), p, used)
+
+
+def _check_ema_wanted(weights: str, ema: Optional[dict], path: Path) -> None:
+    if weights == "ema" and ema is None:
+        raise ValueError(f"{path} holds no EMA of the weights (the run was trained without --train ema_rate=..., "
+                         "or before its first step); use the raw weights")
+
+
+def load_any(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+             weights: str = "auto") -> Tuple[NVAE, Path]:
+    """``(model in eval mode, checkpoint path)``: :func:`load_weights` without saying which weights."""
+    model, checkpoint, _ = load_weights(path, device, weights)
+    return model, checkpoint
+
+
+def dataset_of(checkpoint: Union[str, Path]) -> str:
+    """The data set a checkpoint was trained on: from our training config or the official args."""
+    return data_of(checkpoint)[0]
+
+
+def split_of(checkpoint: Union[str, Path], config: NVAEConfig, split: str, dataset: Optional[str] = None,
+             root: Optional[str] = None, **options) -> Tuple[str, torch.utils.data.Dataset]:
+    """``(data set name, split)`` to evaluate a model of ``config`` read from ``checkpoint`` on.
+
+    ``dataset`` and ``root`` default to what the checkpoint recorded (the folder only when the
+    data set is the recorded one); images come at the model's size and channel count, and a
+    data set whose images do not fit the model is a clear error. ``options`` go to
+    :func:`nvae.data.build_dataset` (e.g. ``flip=False``)."""
+    from ..data import build_dataset, check_images_fit
+    from ..data.registry import native_shape
+    recorded, recorded_root = None, None
+    if not (dataset and root):
+        try:
+            recorded, recorded_root = data_of(checkpoint)
+        except ValueError:
+            if not dataset:   # nothing recorded and nothing given
+                raise
+    name = dataset or recorded
+    folder = root or (recorded_root if name == recorded else None)
+    if native_shape(name) is None:   # resized to the model's size; a fixed shape is checked below
+        options = {"image_size": config.image_size, "channels": config.in_channels, **options}
+    return name, check_images_fit(build_dataset(name, split, folder, **options), config, name)
+
+
+def data_of(checkpoint: Union[str, Path]) -> Tuple[str, Optional[str]]:
+    """``(data set, data folder or None)`` a checkpoint was trained on: from our training config and the
+    data the run recorded, or from the official ``args`` (``--dataset``, ``--data``)."""
+    state = safe_load(checkpoint, allowed_globals=[argparse.Namespace])
+    if isinstance(state, dict) and isinstance(state.get("train_config"), dict):
+        root = (state.get("data") or {}).get("root")
+        return state["train_config"]["dataset"], root if isinstance(root, str) else None
+    if isinstance(state, dict) and "args" in state:
+        args = vars(state["args"])
+        if args.get("dataset") in OFFICIAL_DATASETS:
+            root = args.get("data")
+            return OFFICIAL_DATASETS[args["dataset"]], root if isinstance(root, str) else None
+    raise ValueError(f"{checkpoint} does not say which data set it was trained on; pass --dataset")

@@ -1,0 +1,303 @@
+"""FID by the official protocol and by ours: which images Inception sees, BN re-adjustment, sharding.
+
+A fixed random projection stands in for Inception (no weights needed, and it records what it
+is fed); tests/test_fid.py checks the real network and the command line.
+"""
+import argparse
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import ConcatDataset
+
+from gloo import WORLD, spawn
+from nvae import NVAE, NVAEConfig
+from nvae.distributed import DistributedContext
+from nvae.model.distributions import DiscMixLogistic
+from nvae.analysis.likelihood import batch_seed
+from nvae.analysis.fid import FeatureMoments, FIDError
+from nvae.analysis.fid_protocol import (FIDProtocol, bn_cache_checkpoint, default_output_name, default_protocol,
+                               is_official_checkpoint, protocol_statistics, sample_moments, stats_dataset,
+                               stats_splits)
+from nvae.formats.keymap import key_map
+from nvae.analysis.sampling import decoder_bn_layers, readjust_bn
+
+
+class FakeFeatures:
+    """``tanh`` of a fixed random projection of the flattened image; keeps every batch it is fed."""
+
+    dims = 12
+    quantize = True          # as InceptionFeatures: the protocol sets it while it draws
+
+    def __init__(self, pixels: int):
+        g = torch.Generator().manual_seed(7)
+        self.weight = torch.randn(pixels, self.dims, generator=g, dtype=torch.float64) * 3 / pixels ** 0.5
+        self.fed, self.quantized = [], []
+
+    def __call__(self, x):
+        self.fed.append(x.detach().clone())
+        self.quantized.append(self.quantize)
+        return torch.tanh(x.flatten(1).double() @ self.weight)
+
+
+def _model(decoder="mixture", seed=0):
+    torch.manual_seed(seed)
+    extra = dict(in_channels=3) if decoder == "mixture" else dict(decoder="bernoulli")
+    cfg = NVAEConfig.preset("digits", num_channels_enc=4, num_channels_dec=4, **extra)
+    model = NVAE(cfg).eval()
+    for name, buf in model.named_buffers():
+        if name.endswith("init_done"):
+            buf.fill_(True)
+    return model
+
+
+def _features(model):
+    c = model.config
+    return FakeFeatures(c.in_channels * c.image_size ** 2)
+
+
+def _bn_state(model):
+    return {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in decoder_bn_layers(model).items()}
+
+
+class Recorder:
+    """Wraps ``model.sample_logits``: (n, temperature, training) of every call."""
+
+    def __init__(self, model):
+        self.calls, self.inner = [], model.sample_logits
+        self.model = model
+        model.sample_logits = self
+
+    def __call__(self, n, temperature=1.0, generator=None):
+        self.calls.append((n, temperature, self.model.training))
+        return self.inner(n, temperature, generator)
+
+
+# ----------------------------------------------------------------------------- moments
+def test_feature_moments_equal_numpy_whatever_the_chunks():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(50, 6)) * 3 + 5
+    m = FeatureMoments(6)
+    for chunk in np.array_split(f, [3, 4, 30]):
+        m.add(chunk)
+    mu, sigma = m.statistics()
+    np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), rtol=1e-9, atol=1e-12)
+    for reduction in ("pooled", "average"):       # one process: nothing to reduce
+        np.testing.assert_array_equal(m.reduce(None, reduction)[1], sigma)
+    with pytest.raises(FIDError, match="at least 2"):
+        FeatureMoments(6).statistics()
+    with pytest.raises(FIDError, match=r"shape \(N, 6\)"):
+        m.add(np.zeros((2, 5)))
+
+
+# ----------------------------------------------------------------------------- the official mean
+def test_mixture_mean_is_the_official_one_and_the_red_expectation():
+    """Softmax-weighted logistic means, then the RGB coupling with the weighted coefficients, clamped."""
+    m, b, h, w = 3, 2, 2, 2
+    g = torch.Generator().manual_seed(0)
+    params = torch.randn(b, 10 * m, h, w, generator=g)
+    role = torch.arange(9 * m) % (3 * m) // m                            # 0 means, 1 log-scales, 2 coefficients
+    params[:, m:][:, role == 0] *= 0.3                                   # components inside [-1, 1] ...
+    params[:, m:][:, role == 1] = -4.0                                   # ... and narrow: samples seldom clamp
+    dist = DiscMixLogistic(params, num_mix=m)
+    got = dist.mean()
+    pi = torch.softmax(params[:, :m], 1)                                # B, M, H, W
+    rest = params[:, m:].reshape(b, 3, 3 * m, h, w)
+    loc, coef = rest[:, :, :m], torch.tanh(rest[:, :, 2 * m:])
+    mean = [(pi * loc[:, c]).sum(1) for c in range(3)]
+    cf = [(pi * coef[:, c]).sum(1) for c in range(3)]
+    r = mean[0].clamp(-1, 1)
+    gr = (mean[1] + cf[0] * r).clamp(-1, 1)
+    bl = (mean[2] + cf[1] * r + cf[2] * gr).clamp(-1, 1)
+    torch.testing.assert_close(got, (torch.stack([r, gr, bl], 1) + 1) / 2)
+    # red has no coupling: its mean is the mixture's expectation, which samples estimate
+    draws = DiscMixLogistic(params.repeat(4000, 1, 1, 1), num_mix=m).sample(1.0, g)[:, 0].view(4000, b, h, w)
+    torch.testing.assert_close(draws.mean(0), got[:, 0], atol=0.01, rtol=0)
+
+
+# ----------------------------------------------------------------------------- which images
+def test_official_protocol_readjusts_bn_at_t_then_feeds_means_drawn_at_t1():
+    model = _model("mixture")
+    reference = copy.deepcopy(model)
+    before = _bn_state(model)
+    calls = Recorder(model).calls
+    features = _features(model)
+    protocol = FIDProtocol("official", temperature=0.6, readjust_bn=True, readjust_steps=2, num_samples=3,
+                           batch_size=2, seed=4)
+    (mu, sigma), info = protocol_statistics(model, protocol, features, progress=False)
+
+    # 2 re-adjustment batches of 2 at t = 0.6 in training mode, then the images at t = 1 in eval mode
+    assert calls == [(2, 0.6, True)] * 2 + [(2, 1.0, False), (1, 1.0, False)]
+    readjust_bn(reference, 0.6, 2, 2, torch.Generator().manual_seed(4))
+    after = _bn_state(model)
+    for name, (m, v) in _bn_state(reference).items():
+        torch.testing.assert_close(after[name][0], m, rtol=0, atol=0)
+        torch.testing.assert_close(after[name][1], v, rtol=0, atol=0)
+    assert any(not torch.equal(after[n][0], before[n][0]) for n in before)
+
+    # what Inception saw: the mean of p(x|z) for latents drawn at t = 1 with batch b's generator
+    for b, fed in enumerate(features.fed):
+        g = torch.Generator().manual_seed(batch_seed(4, b))
+        dist = reference.output_distribution(reference.sample_logits(len(fed), 1.0, g))
+        torch.testing.assert_close(fed, dist.mean().float(), rtol=0, atol=0)
+        assert not torch.allclose(fed, dist.sample(1.0, g).float())
+    assert [len(x) for x in features.fed] == [2, 1]
+    feats = torch.cat([features(x) for x in features.fed[:2]]).numpy()
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-8, atol=1e-12)
+    assert info["protocol"] == "official" and info["sampling_temperature"] == 1.0
+    assert info["bn_temperature"] == 0.6 and info["readjust_batch"] == 2 and info["readjust_steps"] == 2
+    assert info["images"].startswith("means") and info["num_samples"] == 3 and info["world_size"] == 1
+    assert info["bn_from_cache"] is False
+    # the official code gives Inception its float means: no rounding to 8 bits (the setting is restored after)
+    assert features.quantized[:2] == [False, False] and features.quantize is True and not info["rounded_to_8_bits"]
+
+
+def test_our_protocol_feeds_samples_drawn_at_t():
+    model = _model("mixture")
+    calls = Recorder(model).calls
+    features = _features(model)
+    protocol = FIDProtocol("ours", temperature=0.7, num_samples=3, batch_size=2)
+    _, info = protocol_statistics(model, protocol, features, progress=False)
+    assert calls == [(2, 0.7, False), (1, 0.7, False)]
+    for b, fed in enumerate(features.fed):
+        g = torch.Generator().manual_seed(batch_seed(0, b))
+        torch.testing.assert_close(fed, model.sample(len(fed), 0.7, g), rtol=0, atol=0)
+    assert info["images"].startswith("samples") and info["sampling_temperature"] == 0.7
+    assert info["readjust_bn"] is False and info["bn_temperature"] is None and info["bn_from_cache"] is None
+    assert features.quantized == [True, True] and info["rounded_to_8_bits"]
+    assert FIDProtocol("ours", readjust_bn=True).bn_batch == 36 and FIDProtocol("official").bn_batch == 2
+
+
+@pytest.mark.parametrize("name", ["official", "ours"])
+def test_binary_models_feed_bernoulli_means_under_both(name):
+    model = _model("bernoulli")
+    features = _features(model)
+    sample_moments(model, FIDProtocol(name, temperature=0.8, num_samples=2, batch_size=2), features, progress=False)
+    g = torch.Generator().manual_seed(batch_seed(0, 0))
+    logits = model.sample_logits(2, 1.0 if name == "official" else 0.8, g)
+    torch.testing.assert_close(features.fed[0], torch.sigmoid(logits), rtol=0, atol=0)
+
+
+def test_batches_are_shared_out_once_and_bad_settings_are_clear_errors():
+    p = FIDProtocol(num_samples=1001, batch_size=100)
+    for world in (1, 2, 3, 8):
+        got = sorted(b for r in range(world) for b in p.shard(r, world))
+        assert got == list(range(11))
+    assert sum(p.batch_len(b) for b in range(11)) == 1001
+    for kw, msg in [(dict(name="paper"), "protocol must be one of"), (dict(num_samples=1), "num_samples"),
+                    (dict(temperature=-1.0), "non-negative"), (dict(reduction="max"), "reduction"),
+                    (dict(readjust_batch=0), "readjust_batch")]:
+        with pytest.raises(FIDError, match=msg):
+            FIDProtocol(**kw)
+    model = _model("bernoulli")
+    tiny = FIDProtocol("ours", num_samples=3, batch_size=2, reduction="average")
+    with pytest.raises(FIDError, match="needs 2 per process"):
+        protocol_statistics(model, tiny, _features(model), dist_ctx=DistributedContext(0, 0, 2), progress=False)
+    assert default_output_name(FIDProtocol("official", 0.6, True)) == "fid_official_t0.6_bn_n50000.json"
+
+
+# ----------------------------------------------------------------------------- two processes
+def _sharded_worker(rank: int) -> dict:
+    torch.set_num_threads(1)
+    model = _model("mixture")
+    ctx = DistributedContext(rank=rank, local_rank=rank, world_size=WORLD)
+    protocol = FIDProtocol("official", 0.5, readjust_bn=True, readjust_steps=2, num_samples=9, batch_size=2)
+    (mu, sigma), info = protocol_statistics(model, protocol, _features(model), dist_ctx=ctx, progress=False)
+    averaged = sample_moments(model, protocol, _features(model), ctx, progress=False).reduce(ctx, "average")
+    bn = _bn_state(model)
+    return {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma), "world": info["world_size"],
+            "avg_mu": torch.from_numpy(averaged[0]), "avg_sigma": torch.from_numpy(averaged[1]),
+            "bn": torch.cat([torch.cat([m, v]) for m, v in bn.values()])}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    return spawn(_sharded_worker, tmp_path_factory.mktemp("fid_gloo"))
+
+
+def test_two_processes_pooled_equal_one_process_on_the_same_images(two_processes):
+    model = _model("mixture")
+    protocol = FIDProtocol("official", 0.5, readjust_bn=True, readjust_steps=2, num_samples=9, batch_size=2)
+    (mu, sigma), info = protocol_statistics(model, protocol, _features(model), progress=False)
+    bn = torch.cat([torch.cat([m, v]) for m, v in _bn_state(model).values()])
+    for out in two_processes:
+        assert out["world"] == 2
+        # rank 0's statistics everywhere; float32 sums in another thread count differ in the last bits
+        torch.testing.assert_close(out["bn"], bn, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["mu"].numpy(), mu, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(out["sigma"].numpy(), sigma, rtol=1e-4, atol=1e-7)
+
+
+def test_two_processes_average_is_the_official_mean_of_per_process_statistics(two_processes):
+    model = _model("mixture")
+    protocol = FIDProtocol("official", 0.5, readjust_bn=True, readjust_steps=2, num_samples=9, batch_size=2)
+    protocol_statistics(model, FIDProtocol("official", 0.5, readjust_bn=True, readjust_steps=2, num_samples=2),
+                        _features(model), progress=False)   # the same BN re-adjustment as the workers
+    shards = [sample_moments(model, protocol, _features(model), DistributedContext(r, r, WORLD), progress=False)
+              for r in range(WORLD)]
+    assert [s.count for s in shards] == [5, 4]                # batches 0, 2, 4 (2 + 2 + 1) and 1, 3
+    stats = [s.statistics() for s in shards]
+    pooled = FeatureMoments(shards[0].dims)
+    for s in shards:
+        pooled.count += s.count
+        pooled.total += s.total
+        pooled.outer += s.outer
+    for out in two_processes:
+        np.testing.assert_allclose(out["avg_mu"].numpy(), (stats[0][0] + stats[1][0]) / 2, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(out["avg_sigma"].numpy(), (stats[0][1] + stats[1][1]) / 2, rtol=1e-4,
+                                   atol=1e-7)
+        assert not np.allclose(out["avg_sigma"].numpy(), pooled.statistics()[1], rtol=1e-6)   # not pooled
+
+
+# ----------------------------------------------------------------------------- checkpoints and caches
+def test_official_checkpoints_default_to_the_official_protocol(tmp_path):
+    model = _model("mixture")
+    ours = tmp_path / "ours" / "checkpoint.pt"
+    ours.parent.mkdir()
+    model.save(ours)
+    names = key_map(model, "official")
+    state = model.state_dict()
+    official = tmp_path / "official.pt"
+    torch.save({"state_dict": {t: state[o] for o, t in names.items()}, "epoch": 1,
+                "args": argparse.Namespace(dataset="cifar10")}, official)
+    assert is_official_checkpoint(official) and default_protocol(official) == "official"
+    assert not is_official_checkpoint(ours.parent) and default_protocol(ours.parent) == "ours"
+    assert not is_official_checkpoint(tmp_path / "missing.pt")
+    assert bn_cache_checkpoint(ours, 36) == ours
+    assert bn_cache_checkpoint(ours, 2).name == "checkpoint.b2.pt"
+
+
+def test_readjusted_statistics_are_cached_per_batch_size(tmp_path):
+    model = _model("mixture")
+    ckpt = tmp_path / "checkpoint.pt"
+    model.save(ckpt)
+    protocol = FIDProtocol("official", 0.6, readjust_bn=True, readjust_steps=2, num_samples=2, batch_size=2)
+    first, info = protocol_statistics(copy.deepcopy(model), protocol, _features(model), checkpoint=ckpt,
+                                      progress=False)
+    assert info["bn_from_cache"] is False
+    assert (tmp_path / "checkpoint.b2.bn_t0.6_s2.pt").is_file()
+    fresh = copy.deepcopy(model)
+    calls = Recorder(fresh).calls
+    again, info = protocol_statistics(fresh, protocol, _features(model), checkpoint=ckpt, progress=False)
+    assert info["bn_from_cache"] is True and all(not training for _, _, training in calls)
+    np.testing.assert_array_equal(first[0], again[0])
+
+
+# ----------------------------------------------------------------------------- reference statistics
+def test_reference_splits_follow_the_official_script():
+    assert stats_splits("celebahq256") == ("train", "test") and stats_splits("omniglot") == ("train", "test")
+    assert stats_splits("cifar10") == ("train",) and stats_splits("ffhq256") == ("train",)
+    assert stats_splits("cifar10", "train,test") == ("train", "test") and stats_splits("x", "test") == ("test",)
+    for bad in ("valid", "train,train", ","):
+        with pytest.raises(FIDError, match="--split must be"):
+            stats_splits("cifar10", bad)
+    merged = stats_dataset("digits", ("train", "test"))
+    train, test = stats_dataset("digits", ("train",)), stats_dataset("digits", ("test",))
+    assert isinstance(merged, ConcatDataset) and len(merged) == len(train) + len(test)
+    torch.testing.assert_close(merged[len(train)][0], test[0][0])      # train first, then test
+    torch.testing.assert_close(merged[0][0], train[0][0])
+    assert math.isfinite(float(merged[len(merged) - 1][0].sum()))
