@@ -214,19 +214,19 @@ def probe(model_cfg, variant: Variant, settings: Settings, x, device) -> dict:
 
     import torch
 
-    from nvae import NVAE
+    from nvae import NVAE, speedups
     from nvae.training.objective import kl_balance_alpha
     from nvae.distributed import DistributedContext
     from nvae.training.state import AUTOCAST, TrainState
-    from nvae.training.step import Coefficients
-    from nvae.training.loop import TrainConfig, train_step
+    from nvae.config import TrainConfig
+    from nvae.training.step import Coefficients, train_step
     was_reset = _reset_peak_rss()
     base_rss = _status_mb("VmRSS")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
     torch.manual_seed(settings.seed)
-    model = NVAE(model_cfg).to(device).train()
+    model = speedups.apply(NVAE(model_cfg)).to(device).train()   # as training builds it
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -264,8 +264,9 @@ def run_variant(variant: Variant, settings: Settings, run_dir: Path) -> dict:
 
     from nvae.data import build_dataset, prepare_batch
     from nvae.analysis.likelihood import EvalConfig, evaluate
+    from nvae.config import TrainConfig
     from nvae.speedups.cpu import tune_cpu_allocator
-    from nvae.training.loop import TrainConfig, train
+    from nvae.training.loop import train
 
     if settings.threads:
         torch.set_num_threads(settings.threads)

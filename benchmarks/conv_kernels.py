@@ -20,76 +20,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List, NamedTuple, Tuple
+from typing import List
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from nvae import NVAE, NVAEConfig
+from _common import ConvShape, describe_cpu, model_conv_shapes
+
+from nvae import NVAEConfig
 from nvae.config import parse_overrides
-from nvae.speedups.cpu import describe_cpu
-
-
-class ConvShape(NamedTuple):
-    batch: int
-    c_in: int
-    c_out: int
-    size: Tuple[int, int]
-    kernel: Tuple[int, int]
-    stride: Tuple[int, int]
-    padding: Tuple[int, int]
-    dilation: Tuple[int, int]
-    groups: int
-    bias: bool
-    input_strided: bool     #: the input was a strided view (the sub-grids of FactorizedReduce)
-
-    def label(self) -> str:
-        k, s, p, d = self.kernel, self.stride, self.padding, self.dilation
-        extra = f" d{d[0]}" if d != (1, 1) else ""
-        extra += f" g{self.groups}" if self.groups > 1 else ""
-        extra += " strided-view" if self.input_strided else ""
-        return (f"{self.batch}x{self.c_in}x{self.size[0]}x{self.size[1]} -> {self.c_out}  k{k[0]} s{s[0]} p{p[0]}"
-                f"{extra}{'' if self.bias else ' no-bias'}")
-
-
-class _RecordConvs(TorchFunctionMode):
-    """Records the shape of every 2-d convolution called while active (modules or functional)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: Dict[ConvShape, int] = {}    #: shape -> number of calls
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (F.conv2d, torch.conv2d):
-            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-            call = dict(zip(names, args), **kwargs)
-            x, w = call["input"], call["weight"]
-            pair = lambda v, d: tuple(v) if isinstance(v, (tuple, list)) else (v, v) if v is not None else d  # noqa: E731
-            strided = not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-            groups = call.get("groups", 1)
-            shape = ConvShape(x.shape[0], x.shape[1], w.shape[0], tuple(x.shape[-2:]), tuple(w.shape[-2:]),
-                              pair(call.get("stride"), (1, 1)), pair(call.get("padding"), (0, 0)),
-                              pair(call.get("dilation"), (1, 1)), groups, call.get("bias") is not None, strided)
-            self.seen[shape] = self.seen.get(shape, 0) + 1
-        return func(*args, **kwargs)
-
-
-def model_conv_shapes(cfg: NVAEConfig, batch: int) -> List[ConvShape]:
-    """The distinct convolutions one training forward pass of ``NVAE(cfg)`` applies."""
-    return list(model_conv_counts(cfg, batch))
-
-
-def model_conv_counts(cfg: NVAEConfig, batch: int) -> Dict[ConvShape, int]:
-    """Each distinct convolution of one training forward pass of ``NVAE(cfg)``, and how often it runs."""
-    torch.manual_seed(0)
-    model = NVAE(cfg).train()
-    x = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size)
-    x = torch.bernoulli(x) if cfg.decoder == "bernoulli" else x
-    with torch.no_grad(), _RecordConvs() as record:
-        model(x)
-    return dict(record.seen)
 
 
 def stride2_1x1_official(shapes: List[ConvShape]) -> List[ConvShape]:

@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import collections
 import sys
-from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conv_kernels import ConvShape, model_conv_counts  # noqa: E402
-from depthwise_grad import median_ms, shape_benchmark_args  # noqa: E402
+from _common import ConvShape, describe_cpu, median_ms, model_conv_counts, shape_benchmark_args
 
-from nvae.speedups.depthwise import depthwise_weight_grad, takes_offset_sums  # noqa: E402
-from nvae.speedups.cpu import describe_cpu  # noqa: E402
+from nvae.speedups.depthwise import depthwise_weight_grad, takes_offset_sums
 
 PASSES = ("forward", "input grad", "weight grad")
 

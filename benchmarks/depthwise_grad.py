@@ -13,32 +13,14 @@ the largest difference from oneDNN, and which one training uses
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conv_kernels import model_conv_shapes  # noqa: E402
+from _common import describe_cpu, median_ms, model_conv_shapes, shape_benchmark_args
 
-from nvae import NVAEConfig  # noqa: E402
-from nvae.config import parse_overrides  # noqa: E402
-from nvae.speedups.depthwise import SMALL_MAP, depthwise_weight_grad  # noqa: E402
-from nvae.speedups.cpu import describe_cpu  # noqa: E402
-
-
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms over ``repeats`` calls, after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
+from nvae.speedups.depthwise import SMALL_MAP, depthwise_weight_grad
 
 
 def as_grouped_conv(grad_out: torch.Tensor, x: torch.Tensor, padding) -> torch.Tensor:
@@ -49,21 +31,6 @@ def as_grouped_conv(grad_out: torch.Tensor, x: torch.Tensor, padding) -> torch.T
     xp = F.pad(x, (pw, pw, ph, ph)).transpose(0, 1).reshape(1, c * n, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
     out = F.conv2d(xp, grad_out.transpose(0, 1), None, 1, 0, 1, c)
     return out.view(c, 1, *out.shape[-2:])
-
-
-def shape_benchmark_args(argv, description: str, repeats: int):
-    """``(arguments, NVAEConfig)`` of a per-shape benchmark (preset, overrides, batch, threads, repeats);
-    sets the thread count."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="mnist_small")
-    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="override an NVAEConfig field")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=repeats)
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    return a, NVAEConfig.preset(a.preset, **parse_overrides(a.model, NVAEConfig))
 
 
 def main(argv=None) -> None:

@@ -30,8 +30,8 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from nvae import NVAE, NVAEConfig
-from nvae.config import parse_overrides
+from nvae import NVAE, NVAEConfig, speedups
+from nvae.config import TrainConfig, parse_overrides
 from nvae.data import build_dataset, prepare_batch
 from nvae.training.ema import AVERAGED_BUFFERS, WeightEMA
 from nvae.analysis.likelihood import EvalConfig, evaluate
@@ -40,7 +40,7 @@ from nvae.training.run_dir import write_json
 from nvae.speedups.cpu import tune_cpu_allocator
 from nvae.training.state import TrainState
 from nvae.training.step import schedule, train_step
-from nvae.training.loop import TrainConfig, seed_everything
+from nvae.training.loop import seed_everything
 
 
 def _rates(text: str):
@@ -100,7 +100,7 @@ def _train(model_cfg: NVAEConfig, cfg: TrainConfig, data, rates, steps: int, pro
 
 
 def _ema_model(model_cfg: NVAEConfig, ema: WeightEMA, raw_bn_from=None, channels_last: bool = False) -> NVAE:
-    model = ema.copy_to(NVAE(model_cfg))
+    model = ema.copy_to(speedups.apply(NVAE(model_cfg)))
     if channels_last:   # the raw model's layout, so both are scored at the same speed
         model = model.to(memory_format=torch.channels_last)
     if raw_bn_from is not None:   # the alternative: the raw model's running statistics

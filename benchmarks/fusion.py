@@ -20,17 +20,14 @@ import argparse
 import collections
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from depthwise_grad import median_ms  # noqa: E402
-from train_step import setup  # noqa: E402
+from _common import describe_cpu, median_ms, setup
 
-from nvae.model.cells import InvertedResidual, ResConv  # noqa: E402
-from nvae.speedups.cpu import describe_cpu, tune_cpu_allocator  # noqa: E402
+from nvae.model.cells import InvertedResidual, ResConv
+from nvae.speedups.cpu import tune_cpu_allocator
 
 
 def bn_swish(x, weight, bias, running_mean, running_var):

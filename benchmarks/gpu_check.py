@@ -28,11 +28,12 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-from nvae import NVAE, PRESETS, NVAEConfig
+from _common import describe_cpu
+
+from nvae import NVAE, PRESETS, NVAEConfig, speedups
 from nvae.config import TrainConfig, parse_overrides
 from nvae.distributed import DistributedContext
 from nvae.training.objective import kl_balance_alpha
-from nvae.speedups.cpu import describe_cpu
 from nvae.training.state import TrainState
 from nvae.training.step import Coefficients, train_step
 
@@ -127,7 +128,7 @@ def time_steps(preset: str, cfg: NVAEConfig, batch: int, option: Option, device:
 def eval_speed(cfg: NVAEConfig, device: torch.device, k: int, images: int, max_batch: int, precision: str):
     """Images per second of the importance-weighted bound at K = ``k``, and the mean NLL estimate."""
     torch.manual_seed(0)
-    model = NVAE(cfg).to(device).eval()
+    model = speedups.apply(NVAE(cfg)).to(device).eval()
     x = _batch(cfg, images, device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     _sync(device)

@@ -15,16 +15,15 @@ import argparse
 import collections
 import re
 import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import setup  # noqa: E402
+from _common import describe_cpu, setup
 
-from nvae.training.objective import nvae_loss  # noqa: E402
-from nvae.speedups.cpu import describe_cpu, tune_cpu_allocator  # noqa: E402
+from nvae import speedups
+from nvae.speedups.cpu import tune_cpu_allocator
+from nvae.training.objective import nvae_loss
 
 # First match wins: the order puts the specific names before the generic ones.
 KINDS = [
@@ -70,7 +69,7 @@ def main(argv=None) -> None:
     tune_cpu_allocator()
     torch.set_num_threads(a.threads)
     cfg, model, opt, alpha, x = setup(a.preset, a.batch, torch.device("cpu"), a.channels_last)
-    model.set_recompute_bn(a.recompute_bn)
+    speedups.apply(model, recompute_bn=a.recompute_bn)
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -18,10 +18,11 @@ import time
 import torch
 
 from nvae import NVAEConfig
+from nvae.config import TrainConfig
 from nvae.data import build_dataset
 from nvae.analysis.likelihood import EvalConfig, evaluate
 from nvae.speedups.cpu import tune_cpu_allocator
-from nvae.training.loop import TrainConfig, train
+from nvae.training.loop import train
 
 
 def main(argv=None) -> None:

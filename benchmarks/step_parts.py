@@ -16,15 +16,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Dict
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import setup  # noqa: E402
+from _common import describe_cpu, setup
 
-from nvae.speedups.cpu import describe_cpu, tune_cpu_allocator  # noqa: E402
+from nvae.speedups.cpu import tune_cpu_allocator
 
 PARTS = ("forward", "spectral", "BN loss", "backward", "Adamax")
 

@@ -21,18 +21,17 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 
-from nvae.speedups import depthwise
-from nvae.model.cells import cell_roles
-from nvae.training.objective import nvae_loss
-from nvae.speedups.cpu import describe_cpu, tune_cpu_allocator
+from _common import describe_cpu, setup
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import setup  # noqa: E402  (the benchmark beside this one)
+from nvae import speedups
+from nvae.config import cell_roles
+from nvae.speedups import depthwise
+from nvae.speedups.cpu import tune_cpu_allocator
+from nvae.training.objective import nvae_loss
 
 DEFAULT_OPTIONS = ["plain", "recompute-bn", "recompute-bn+checkpointing=normal_post,up_post",
                    "recompute-bn+checkpointing=normal_post,up_post,normal_dec,up_dec"]
@@ -77,8 +76,8 @@ def main(argv=None) -> None:
     times = {text: [] for text, *_ in options}
     for round_ in range(a.rounds + 1):          # round 0 warms every option up
         for text, recompute, ckpt, roles, small_map, foreach in options:
-            model.set_recompute_bn(recompute)
-            model.set_checkpointing(ckpt, roles)
+            speedups.apply(model, recompute_bn=recompute,
+                           checkpointing=(tuple(roles) if roles else True) if ckpt else False)
             depthwise.SMALL_MAP = small_map
             for group in opt.param_groups:
                 group["foreach"] = foreach

@@ -24,9 +24,11 @@ def _rss_gb() -> float:
 # The interpreter and torch: what every code pays, the official one too (before nvae is imported).
 RSS_AFTER_TORCH = _rss_gb()
 
-from nvae import NVAE, NVAEConfig  # noqa: E402
-from nvae.training.objective import kl_balance_alpha, nvae_loss  # noqa: E402
-from nvae.speedups.cpu import describe_cpu, peak_rss_gb, tune_cpu_allocator  # noqa: E402
+from _common import describe_cpu, peak_rss_gb, setup  # noqa: E402  (imports nvae)
+
+from nvae import speedups  # noqa: E402
+from nvae.speedups.cpu import tune_cpu_allocator  # noqa: E402
+from nvae.training.objective import nvae_loss  # noqa: E402
 
 
 def saved_for_backward(forward) -> int:
@@ -43,22 +45,6 @@ def saved_for_backward(forward) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
     return total[0]
-
-
-def setup(preset: str, batch: int, device: torch.device, channels_last: bool):
-    """``(config, model in training mode, Adamax as in training, KL-balance alpha, a random batch)``."""
-    torch.manual_seed(0)
-    cfg = NVAEConfig.preset(preset)
-    model = NVAE(cfg).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
-    alpha = kl_balance_alpha(cfg.groups_per_scale).to(device)
-    x = (torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) > 0.5).float()
-    if cfg.decoder != "bernoulli":
-        x = torch.floor(x * 255) / 255
-    return cfg, model, opt, alpha, x
 
 
 def main(argv=None) -> None:
@@ -84,9 +70,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     cfg, model, opt, alpha, x = setup(a.preset, a.batch, device, a.channels_last)
-    if a.checkpointing:
-        model.set_checkpointing(True, None if a.checkpointing == "all" else a.checkpointing.split(","))
-    model.set_recompute_bn(a.recompute_bn)
+    checkpointing = (True if a.checkpointing == "all" else tuple(a.checkpointing.split(","))) if a.checkpointing \
+        else False
+    speedups.apply(model, recompute_bn=a.recompute_bn, checkpointing=checkpointing)
     step_model = torch.compile(model) if a.compile else model
     # The spectral/BN terms need the real module; compile only the forward.
     if a.compile:

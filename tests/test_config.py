@@ -5,8 +5,7 @@ import json
 import pytest
 
 from nvae import PRESETS, NVAEConfig
-from nvae.model.cells import ARCH_INSTANCES
-from nvae.config import groups_per_scale
+from nvae.config import ARCH_INSTANCES, groups_per_scale
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -104,3 +103,67 @@ def test_from_dict_rejects_unknown_fields():
         NVAEConfig.from_dict(data)
     with pytest.raises(ValueError, match="unknown NVAEConfig fields"):
         NVAEConfig.from_json(json.dumps(data))
+
+
+# ---------------------------------------------------------------- TrainConfig: groups in the field metadata
+from nvae.config import RUN_CONTROL, TRAIN_GROUPS, Flag, TrainConfig  # noqa: E402
+
+#: The keys of ``train_config.json`` (and a checkpoint's ``train_config``) as runs wrote them before the
+#: fields carried their groups, in the order they were written, with TrainConfig's defaults.
+TODAYS_TRAIN_CONFIG = {
+    "dataset": "digits", "epochs": 200, "batch_size": 200, "learning_rate": 0.01, "learning_rate_min": 0.0001,
+    "weight_decay": 0.0003, "warmup_epochs": 5, "weight_decay_norm": 0.01, "weight_decay_norm_init": 10.0,
+    "weight_decay_norm_anneal": False, "kl_anneal_portion": 0.3, "kl_const_portion": 0.0001,
+    "kl_const_coeff": 0.0001, "kl_balance": True, "seed": 1, "max_steps": None, "max_minutes": None,
+    "flip": None, "strict_data": False, "precision": "fp32", "channels_last": False, "checkpointing": False,
+    "checkpointing_roles": None, "recompute_bn": False, "log_every": 50, "image_every": 500,
+    "checkpoint_every": 1000, "eval_every": None, "eval_samples": 10, "final_eval_samples": 1000,
+    "eval_max_images": None, "deterministic": False, "skip_grad_factor": 10.0, "skip_grad_quantile": 0.95,
+    "skip_grad_window": 200, "max_consecutive_skips": 20, "rollback_lr_factor": 0.5, "allow_data_change": False,
+    "dist_timeout_minutes": 5.0, "ema_rate": 0.0, "grad_clip": 0.0}
+
+#: What a resumed run could change before RUN_CONTROL was derived from the metadata.
+TODAYS_RUN_CONTROL = ("max_steps", "max_minutes", "log_every", "image_every", "checkpoint_every",
+                      "allow_data_change", "dist_timeout_minutes", "eval_every", "eval_samples",
+                      "final_eval_samples", "eval_max_images")
+
+
+def test_every_train_field_names_a_known_group():
+    assert set(TRAIN_GROUPS) == {"recipe", "performance", "stability", "validation", "run_control"}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("group") in TRAIN_GROUPS, f.name
+        assert TrainConfig.group_of(f.name) == f.metadata["group"]
+        assert f.metadata.get("flag") is None or isinstance(f.metadata["flag"], Flag), f.name
+    every = [name for group in TRAIN_GROUPS for name in TrainConfig.fields_in(group)]
+    assert sorted(every) == sorted(f.name for f in dataclasses.fields(TrainConfig))   # each in exactly one
+    assert set(TrainConfig.fields_in("stability")) >= {"skip_grad_factor", "grad_clip", "ema_rate"}
+    assert set(TrainConfig.fields_in("performance")) >= {"precision", "channels_last", "recompute_bn",
+                                                         "checkpointing", "checkpointing_roles"}
+    assert set(TrainConfig.fields_in("recipe")) >= {"epochs", "batch_size", "learning_rate", "warmup_epochs",
+                                                    "kl_anneal_portion", "weight_decay_norm"}
+    with pytest.raises(ValueError, match="unknown TrainConfig group"):
+        TrainConfig.fields_in("speed")
+
+
+def test_run_control_is_derived_from_the_groups_a_resume_may_change():
+    assert set(RUN_CONTROL) == set(TODAYS_RUN_CONTROL) and len(RUN_CONTROL) == len(TODAYS_RUN_CONTROL)
+    assert RUN_CONTROL == TrainConfig.fields_in("validation", "run_control")
+    assert set(TrainConfig.fields_in("run_control")) == set(TODAYS_RUN_CONTROL) - set(TrainConfig.fields_in(
+        "validation"))
+    assert set(TrainConfig.fields_in("validation")) == {"eval_every", "eval_samples", "final_eval_samples",
+                                                        "eval_max_images"}
+    from nvae.training import run_dir
+    assert run_dir.RUN_CONTROL is RUN_CONTROL
+
+
+def test_a_train_config_with_todays_keys_round_trips_flat():
+    assert TrainConfig().to_dict() == TODAYS_TRAIN_CONFIG
+    assert list(TrainConfig().to_dict()) == list(TODAYS_TRAIN_CONFIG)   # train_config.json keeps its key order
+    stored = dict(TODAYS_TRAIN_CONFIG, dataset="mnist", epochs=400, checkpointing=True,
+                  checkpointing_roles=["normal_post", "up_post"], ema_rate=0.999, eval_every=0, max_steps=9)
+    text = json.dumps(stored)
+    cfg = TrainConfig.from_dict(json.loads(text))
+    assert cfg.checkpointing_roles == ("normal_post", "up_post") and cfg.epochs == 400
+    assert cfg.to_dict() == stored and json.dumps(cfg.to_dict()) == text
+    older = {k: v for k, v in TODAYS_TRAIN_CONFIG.items() if k not in ("ema_rate", "grad_clip")}   # missing: default
+    assert TrainConfig.from_dict(older) == TrainConfig()

@@ -13,15 +13,14 @@ import torch
 import torch.distributed as dist
 
 from gloo import WORLD, spawn
-from nvae import NVAE, NVAEConfig
+from nvae import NVAE, NVAEConfig, speedups
 from nvae.distributed import (DistributedContext, SyncBatchNorm2d, convert_sync_batchnorm, init_distributed,
                               torchrun_env, wrap_model)
 from nvae.model.layers import batch_norm
 from nvae.speedups.memory import frozen_batch_statistics
 from nvae.training.objective import kl_balance_alpha
 from nvae.training.state import TrainState
-from nvae.training.step import Coefficients
-from nvae.training.loop import train_step
+from nvae.training.step import Coefficients, train_step
 
 # Uneven shares on purpose: the global statistics must weight each process by its count.
 BN_SPLIT = (3, 5)
@@ -80,7 +79,8 @@ def _bn_worker(rank: int) -> dict:
     bn.eval()
     ctx = init_distributed("cpu")
     return {**first, **still, "eval_out": bn(x[part]).detach(), "any": ctx.any(rank == 1),
-            "none": ctx.any(False), "mean": ctx.mean(torch.tensor([float(rank)]))}
+            "none": ctx.any(False), "mean": ctx.mean(torch.tensor([float(rank)])),
+            "from_main": ctx.from_main({"rank": rank, "seen": [rank] * 3} if rank == 0 else None)}
 
 
 def test_sync_batchnorm_equals_batchnorm_on_the_concatenated_batch(ranks):
@@ -107,6 +107,7 @@ def test_sync_batchnorm_equals_batchnorm_on_the_concatenated_batch(ranks):
         assert int(r["tracked_after"]) == 1
         assert r["any"] is True and r["none"] is False
         assert float(r["mean"]) == 0.5
+        assert r["from_main"] == {"rank": 0, "seen": [0, 0, 0]}   # rank 0's object, on every process
     assert torch.allclose(torch.cat([r["out_no_update"] for r in ranks]), out.detach(), **tol)
     ref.eval()
     assert torch.allclose(torch.cat([r["eval_out"] for r in ranks]), ref(x).detach(), **tol)
@@ -157,6 +158,8 @@ def test_torchrun_environment_detection():
     assert ctx == DistributedContext() and not ctx.enabled and ctx.is_main and not dist.is_initialized()
     ctx = init_distributed("cpu", environ={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     assert not ctx.enabled and not dist.is_initialized()
+    obj = {"history": [1, 2]}
+    assert ctx.from_main(obj) is obj and DistributedContext().from_main(None) is None   # one process: itself
 
 
 # -------------------------------------------------------- DDP training steps
@@ -199,11 +202,11 @@ class _PosteriorMeans:
         return self.net.parameters()
 
 
-def _run_steps(net, model, x, dist_ctx=None):
+def _run_steps(net, model, x, dist_ctx=DistributedContext()):
     opt = torch.optim.Adamax(model.parameters(), lr=LR, eps=1e-3, weight_decay=3e-4)
     # beta = 1: KL balancing (per-process batch means, as the official code) is off.
     coeffs = Coefficients(1.0, 1e-2, kl_balance_alpha(model.config.groups_per_scale))
-    state = TrainState(model, opt, net=_PosteriorMeans(net), dist=dist_ctx or DistributedContext())
+    state = TrainState(model, opt, net=_PosteriorMeans(net), dist=dist_ctx)
     net.train()
     log = []
     for _ in range(STEPS):
@@ -216,8 +219,7 @@ def _run_steps(net, model, x, dist_ctx=None):
 
 def _ddp_worker(rank: int, checkpointing: bool) -> dict:
     torch.manual_seed(0)
-    model = NVAE(_tiny_config())
-    model.set_checkpointing(checkpointing)
+    model = speedups.apply(NVAE(_tiny_config()), checkpointing=checkpointing)
     dist_ctx = init_distributed("cpu")
     net = wrap_model(model, dist_ctx)
     half = BATCH // WORLD

@@ -55,6 +55,55 @@ def test_configuration_depends_on_nothing_above_it_and_nothing_imports_the_cli()
     graph = _imports()
     assert graph["nvae.config"] == set()
     assert not [m for m, deps in graph.items() if "nvae.cli" in deps and m != "nvae.__main__"]
-    # the network does no file I/O of its own: it hands saving and loading down to checkpoint and official
-    assert "nvae.training.run_dir" not in graph["nvae.model.network"] and "nvae.training.loop" not in graph["nvae.model.network"]
-    assert not _reaches(graph, "nvae.formats.checkpoint", "nvae.model.network") and not _reaches(graph, "nvae.formats.official", "nvae.model.network")
+    # the network reads and writes no file: saving and loading live in formats/
+    assert not _reaches(graph, "nvae.formats.checkpoint", "nvae.model.network")
+    assert not _reaches(graph, "nvae.formats.official", "nvae.model.network")
+
+
+#: The only imports from above the model: NVAE.save / from_checkpoint / from_official, doors into nvae.formats
+#: imported when called.
+MODEL_DOORS = {("nvae.model.network", "save"), ("nvae.model.network", "from_checkpoint"),
+               ("nvae.model.network", "from_official")}
+
+
+def _imports_above(module: str, tree: ast.AST, above) -> list:
+    """(function or None, imported module) of every import in ``tree`` of a module under one of ``above``."""
+    found = []
+
+    def visit(node, function):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.ImportFrom):
+                package = module.split(".")[:-1]
+                base = package[:len(package) - child.level + 1] if child.level else []
+                target = ".".join(base + ([child.module] if child.module else []))
+                names = [f"{target}.{a.name}" for a in child.names] + [target]
+                if any(n == w or n.startswith(w + ".") for n in names for w in above):
+                    found.append((function, target))
+            elif isinstance(child, ast.Import):
+                found.extend((function, a.name) for a in child.names if any(a.name.startswith(w) for w in above))
+            visit(child, inner)
+
+    visit(tree, None)
+    return found
+
+
+def test_the_model_imports_nothing_above_it():
+    """nvae.model is the paper's network: no speed-up, file format, training or analysis is imported into it
+    (the speed-ups are applied from outside, by nvae.speedups.apply)."""
+    above = ("nvae.speedups", "nvae.formats", "nvae.training", "nvae.analysis", "nvae.data", "nvae.cli")
+    checked = 0
+    for path in sorted((SRC / "model").glob("*.py")):
+        module = f"nvae.model.{path.stem}"
+        for function, target in _imports_above(module, ast.parse(path.read_text()), above):
+            assert (module, function) in MODEL_DOORS, f"{module} ({function or 'module level'}) imports {target}"
+            assert target.startswith("nvae.formats"), target
+            checked += 1
+        assert "is_compiling" not in path.read_text(), f"{module} knows about tracing: a speed-up's business"
+    assert checked == len(MODEL_DOORS)
+
+
+def test_no_module_name_is_another_ones_plural():
+    names = {p.stem for p in SRC.rglob("*.py")} | {p.name for p in SRC.rglob("*") if p.is_dir()}
+    plurals = sorted(n for n in names if n.endswith("s") and n[:-1] in names)
+    assert not plurals, plurals

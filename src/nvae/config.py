@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 DECODERS = ("bernoulli", "mixture", "normal")
 
@@ -319,54 +319,141 @@ PRESETS.update({
 })
 
 
+#: The groups of :class:`TrainConfig`'s fields (each field names its group in its metadata), in the order
+#: ``nvae train --help`` shows them.
+TRAIN_GROUPS = {
+    "recipe": "the optimisation of the paper and its presets: data, schedule, learning rate, KL and regulariser",
+    "performance": "how the steps are computed: numeric precision, memory layout, recomputation, determinism",
+    "stability": "what guards the run against divergence: skipped steps, roll-backs, clipping, EMA",
+    "validation": "when the run validates, and with how many importance samples",
+    "run_control": "how long the run goes, how often it logs and writes, what a resume may change",
+}
+
+#: Groups whose fields only steer a run (when to stop, log, write, validate): a resumed run may change them.
+RESUMABLE_GROUPS = ("validation", "run_control")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a :class:`TrainConfig` field appears as an ``nvae train`` flag (its metadata's ``"flag"``).
+
+    A ``bool`` field's flag is a switch (``store_true``) unless it takes a value; every other flag takes
+    one value, checked by ``parse`` (a name from :mod:`nvae.cli.common`: ``count``, ``positive``,
+    ``non_negative``) or else converted by the field's type. A flag left out keeps the preset's (or
+    the resumed run's) value.
+    """
+
+    help: Optional[str] = None
+    name: Optional[str] = None                  #: the flag, when not ``--field-name``
+    parse: Optional[str] = None                 #: the value's check, by name (None: the field's type)
+    metavar: Optional[str] = None
+    choices: Optional[Tuple[str, ...]] = None
+    optional_value: Optional[str] = None        #: the flag takes an optional value, this one when left out
+    #: the fields the value sets, where it is not simply the field's value
+    to_config: Optional[Callable[[Any], dict]] = None
+
+    def option(self, field_name: str) -> str:
+        return self.name or "--" + field_name.replace("_", "-")
+
+
+def _field(group: str, default, flag: Optional[Flag] = None):
+    """A :class:`TrainConfig` field of ``group`` (one of :data:`TRAIN_GROUPS`), with its ``nvae train`` flag."""
+    if group not in TRAIN_GROUPS:
+        raise ValueError(f"unknown TrainConfig group {group!r}; choose from {list(TRAIN_GROUPS)}")
+    return dataclasses.field(default=default, metadata={"group": group, "flag": flag})
+
+
+def _checkpointing_flag(roles: str) -> dict:
+    """``--checkpointing [ROLES]``: recompute every cell (the flag alone), or only the roles given."""
+    out = {"checkpointing": True}
+    if roles != "all":
+        out["checkpointing_roles"] = roles   # TrainConfig splits the commas
+    return out
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation recipe. Defaults are the official ``train.py`` defaults."""
+    """The optimisation recipe. Defaults are the official ``train.py`` defaults.
 
-    dataset: str = "digits"
-    epochs: int = 200
-    batch_size: int = 200
-    learning_rate: float = 1e-2
-    learning_rate_min: float = 1e-4
-    weight_decay: float = 3e-4
-    warmup_epochs: int = 5
-    weight_decay_norm: float = 1e-2
-    weight_decay_norm_init: float = 10.0
-    weight_decay_norm_anneal: bool = False
-    kl_anneal_portion: float = 0.3
-    kl_const_portion: float = 1e-4
-    kl_const_coeff: float = 1e-4
-    kl_balance: bool = True
-    seed: int = 1
-    max_steps: Optional[int] = None      #: stop early (the schedules still follow ``epochs``)
-    max_minutes: Optional[float] = None  #: stop after this much wall-clock training time
-    flip: Optional[bool] = None          #: horizontal flips of training images (None: the data set's default)
-    strict_data: bool = False            #: unreadable images and wrong channel counts are errors, not skips
-    precision: str = "fp32"
-    channels_last: bool = False
-    checkpointing: bool = False
+    Each field's metadata names its group (:data:`TRAIN_GROUPS`) and, where ``nvae train`` has a flag for
+    it, the flag (:class:`Flag`); :meth:`fields_in` lists a group. The fields keep the order of their
+    first release (``train_config.json`` is written in it); the JSON form stays flat.
+    """
+
+    dataset: str = _field("recipe", "digits")
+    epochs: int = _field("recipe", 200, Flag(parse="count"))
+    batch_size: int = _field("recipe", 200, Flag(parse="count"))
+    learning_rate: float = _field("recipe", 1e-2, Flag(parse="positive"))
+    learning_rate_min: float = _field("recipe", 1e-4)
+    weight_decay: float = _field("recipe", 3e-4)
+    warmup_epochs: int = _field("recipe", 5)
+    weight_decay_norm: float = _field("recipe", 1e-2)
+    weight_decay_norm_init: float = _field("recipe", 10.0)
+    weight_decay_norm_anneal: bool = _field("recipe", False)
+    kl_anneal_portion: float = _field("recipe", 0.3)
+    kl_const_portion: float = _field("recipe", 1e-4)
+    kl_const_coeff: float = _field("recipe", 1e-4)
+    kl_balance: bool = _field("recipe", True)
+    seed: int = _field("recipe", 1, Flag())
+    #: stop early (the schedules still follow ``epochs``)
+    max_steps: Optional[int] = _field("run_control", None, Flag("stop after N steps", parse="count"))
+    #: stop after this much wall-clock training time
+    max_minutes: Optional[float] = _field("run_control", None,
+                                          Flag("stop after M minutes of training", parse="positive"))
+    #: horizontal flips of training images (None: the data set's default)
+    flip: Optional[bool] = _field("recipe", None)
+    #: unreadable images and wrong channel counts are errors, not skips
+    strict_data: bool = _field("recipe", False, Flag(
+        "stop on an unreadable image or a wrong channel count (default: skip or convert, and warn)"))
+    precision: str = _field("performance", "fp32", Flag(choices=PRECISIONS))
+    channels_last: bool = _field("performance", False, Flag("channels-last memory format (faster on CPU)"))
+    checkpointing: bool = _field("performance", False, Flag(
+        "recompute cells in backward to save memory: every cell, or only the comma-separated cell roles given "
+        "(e.g. normal_post,up_post)", metavar="ROLES", optional_value="all", to_config=_checkpointing_flag))
     #: with ``checkpointing``, the cell roles to recompute (None: every cell), e.g. ("normal_post", "up_post")
-    checkpointing_roles: Optional[Tuple[str, ...]] = None
-    recompute_bn: bool = False           #: store BN inputs only; recompute BN and Swish in backward
-    log_every: int = 50
-    image_every: int = 500
-    checkpoint_every: int = 1000
+    checkpointing_roles: Optional[Tuple[str, ...]] = _field("performance", None)   # set by --checkpointing ROLES
+    #: store BN inputs only; recompute BN and Swish in backward
+    recompute_bn: bool = _field("performance", False, Flag(
+        "store only BN inputs and recompute BN + Swish in backward (less memory, a little slower)"))
+    log_every: int = _field("run_control", 50)
+    image_every: int = _field("run_control", 500)
+    checkpoint_every: int = _field("run_control", 1000, Flag("write checkpoint.pt every N steps", parse="count"))
     #: validate every N epochs (0: never; None: the official rule, every epoch up to 50 epochs, else every 20)
-    eval_every: Optional[int] = None
-    eval_samples: int = 10               #: K of each validation's importance-weighted NLL
-    final_eval_samples: int = 1000       #: K of the evaluation after the last epoch (0: none)
-    eval_max_images: Optional[int] = None   #: validate on the first N images of the split only
-    deterministic: bool = False          #: torch.use_deterministic_algorithms (bit-exact resume on GPU too)
-    skip_grad_factor: Optional[float] = 10.0   #: skip steps whose grad norm exceeds this x the running quantile
-    skip_grad_quantile: float = 0.95
-    skip_grad_window: int = 200
-    max_consecutive_skips: int = 20      #: then roll back to the last checkpoint (0: never)
-    rollback_lr_factor: float = 0.5      #: learning-rate multiplier applied at each roll-back
+    eval_every: Optional[int] = _field("validation", None, Flag(
+        "validate every N epochs (0: never; default: the official schedule, every epoch up to 50 epochs, else "
+        "every 20)", parse="non_negative", metavar="N"))
+    #: K of each validation's importance-weighted NLL
+    eval_samples: int = _field("validation", 10, Flag(
+        "K of each validation's importance-weighted NLL (default 10)", parse="count", metavar="K"))
+    #: K of the evaluation after the last epoch (0: none)
+    final_eval_samples: int = _field("validation", 1000, Flag(
+        "K of the evaluation after the last epoch, into validation_final.json (default 1000, digits 50; 0: none)",
+        parse="non_negative", metavar="K"))
+    #: validate on the first N images of the split only
+    eval_max_images: Optional[int] = _field("validation", None)
+    #: torch.use_deterministic_algorithms (bit-exact resume on GPU too)
+    deterministic: bool = _field("performance", False, Flag("deterministic algorithms only"))
+    #: skip steps whose grad norm exceeds this x the running quantile
+    skip_grad_factor: Optional[float] = _field("stability", 10.0)
+    skip_grad_quantile: float = _field("stability", 0.95)
+    skip_grad_window: int = _field("stability", 200)
+    #: then roll back to the last checkpoint (0: never)
+    max_consecutive_skips: int = _field("stability", 20)
+    #: learning-rate multiplier applied at each roll-back
+    rollback_lr_factor: float = _field("stability", 0.5)
     #: on resume, continue on data other than the run's (another folder, or another number of images)
-    allow_data_change: bool = False
-    dist_timeout_minutes: float = 5.0    #: under torchrun: how long a process waits for the others
-    ema_rate: float = 0.0                #: EMA of the weights, ema = rate * ema + (1 - rate) * w (0: none)
-    grad_clip: float = 0.0               #: clip the total gradient norm to this before each step (0: never)
+    allow_data_change: bool = _field("run_control", False, Flag(
+        "with --resume: continue on other data than the run trained on (its schedules change)"))
+    #: under torchrun: how long a process waits for the others
+    dist_timeout_minutes: float = _field("run_control", 5.0, Flag(
+        "under torchrun: how long a process waits for the others (default 5)", name="--dist-timeout",
+        parse="positive", metavar="MINUTES"))
+    #: EMA of the weights, ema = rate * ema + (1 - rate) * w (0: none)
+    ema_rate: float = _field("stability", 0.0)
+    #: clip the total gradient norm to this before each step (0: never)
+    grad_clip: float = _field("stability", 0.0)
 
     def __post_init__(self):
         if isinstance(self.checkpointing_roles, list):   # as JSON brings it
@@ -390,7 +477,7 @@ class TrainConfig:
             raise ValueError(f"dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
         if not 0 < self.skip_grad_quantile <= 1:
             raise ValueError(f"skip_grad_quantile must be in (0, 1], got {self.skip_grad_quantile}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         for name in ("batch_size", "epochs", "log_every", "image_every", "checkpoint_every", "skip_grad_window"):
             if getattr(self, name) < 1:
@@ -418,6 +505,24 @@ class TrainConfig:
             if not self.checkpointing:
                 raise ValueError("checkpointing_roles needs checkpointing=True (nvae train --checkpointing ROLES)")
 
+    @classmethod
+    def fields_in(cls, *groups: str) -> Tuple[str, ...]:
+        """The names of the fields of ``groups`` (see :data:`TRAIN_GROUPS`), in declaration order."""
+        unknown = sorted(set(groups) - set(TRAIN_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig group(s) {unknown}; choose from {list(TRAIN_GROUPS)}")
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("group") in groups)
+
+    @classmethod
+    def group_of(cls, name: str) -> str:
+        """The group (a key of :data:`TRAIN_GROUPS`) of the field ``name``."""
+        return {f.name: f.metadata.get("group") for f in dataclasses.fields(cls)}[name]
+
+    @classmethod
+    def flags(cls) -> Tuple[Tuple[dataclasses.Field, Flag], ...]:
+        """``(field, flag)`` of every field that ``nvae train`` sets with a flag of its own."""
+        return tuple((f, f.metadata["flag"]) for f in dataclasses.fields(cls) if f.metadata.get("flag"))
+
     def to_dict(self) -> dict:
         # Lists, as JSON gives them back, so a stored config compares equal to its reload.
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -435,6 +540,11 @@ class TrainConfig:
         if name not in TRAIN_PRESETS:
             raise ValueError(f"no training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
         return dataclasses.replace(TRAIN_PRESETS[name], **overrides)
+
+
+#: Options that only steer a run (when to stop, log, write, validate): a resumed run may change them. The
+#: fields of the :data:`RESUMABLE_GROUPS`, from their metadata.
+RUN_CONTROL: Tuple[str, ...] = TrainConfig.fields_in(*RESUMABLE_GROUPS)
 
 
 def _check_validation(cfg: "TrainConfig") -> None:

@@ -85,7 +85,12 @@ def torchrun_env(environ: Optional[Mapping[str, str]] = None) -> Optional[Tuple[
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """Where this process stands in a data-parallel run (one process: rank 0 of 1)."""
+    """Where this process stands in a data-parallel run (one process: rank 0 of 1).
+
+    One process is ``DistributedContext()``, which is what every ``dist_ctx`` parameter
+    defaults to: the context is immutable (frozen, and a ``torch.device`` is immutable too),
+    so one default instance can be shared by every call.
+    """
 
     rank: int = 0
     local_rank: int = 0
@@ -112,6 +117,15 @@ class DistributedContext:
         total = tensor.to(self.device, copy=True)
         dist.all_reduce(total)
         return total / self.world_size
+
+    def from_main(self, obj):
+        """The ``obj`` rank 0 holds, on every process (``obj`` itself for one process); a collective
+        every process must reach, each passing its own ``obj`` (ignored but on rank 0)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
 
     def any(self, flag: bool) -> bool:
         """True on every process when ``flag`` is true on at least one of them."""

@@ -18,9 +18,10 @@ pytest.importorskip("pytorch_fid")
 import pytorch_fid.inception as pfi  # noqa: E402
 from pytorch_fid.fid_score import compute_statistics_of_path  # noqa: E402
 
+from conftest import count_reads  # noqa: E402
 from nvae import NVAE, NVAEConfig, cli  # noqa: E402
 from nvae.formats.checkpoint import save_model  # noqa: E402
-from nvae.cli import add_fid_parsers, cmd_fid, cmd_fid_stats  # noqa: E402
+from nvae.cli.fid import add_fid_parsers, cmd_fid, cmd_fid_stats  # noqa: E402
 from nvae.analysis.fid import (FID_WEIGHTS_FILE, FIDError, InceptionFeatures, dataset_statistics,  # noqa: E402
                       frechet_distance, load_statistics, model_fid, save_statistics)
 
@@ -400,3 +401,19 @@ def test_torchrun_two_processes_give_the_one_process_fid(weights, nvae_main, tmp
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["world_size"] == 1 and two["world_size"] == 2 and two["bn_from_cache"] is True
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-6)
+
+
+def test_cli_fid_reads_the_checkpoint_once(weights, nvae_main, tmp_path, no_network, monkeypatch, capsys):
+    """Protocol, weights and data come from one read of the checkpoint, the BN re-adjustment included."""
+    stats = tmp_path / "digits.npz"
+    assert nvae_main(["fid-stats", "--dataset", "digits", "--split", "test", "--max-images", "8", "--dims", "64",
+                      "--inception-weights", str(weights), "--output", str(stats), "--no-progress"]) == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    save_model(_tiny_model(), ckpt)
+    reads = count_reads(monkeypatch, ckpt)
+    assert nvae_main(["fid", str(ckpt.parent), "--stats", str(stats), "--inception-weights", str(weights),
+                      "-n", "4", "--batch-size", "2", "-t", "0.6", "--readjust-bn", "--readjust-steps", "2",
+                      "--no-progress"]) == 0
+    assert json.loads((ckpt.parent / "fid_ours_t0.6_bn_n4.json").read_text())["readjust_bn"] is True
+    assert len(reads) == 1, reads

@@ -1,7 +1,7 @@
 """FID by the official protocol and by ours: which images Inception sees, BN re-adjustment, sharding.
 
 A fixed random projection stands in for Inception (no weights needed, and it records what it
-is fed); tests/test_fid.py checks the real network and the command line.
+is fed); tests/analysis/test_fid.py checks the real network and the command line.
 """
 import argparse
 import copy
@@ -16,13 +16,13 @@ from gloo import WORLD, spawn
 from nvae import NVAE, NVAEConfig
 from nvae.distributed import DistributedContext
 from nvae.model.distributions import DiscMixLogistic
-from nvae.analysis.likelihood import batch_seed
 from nvae.analysis.fid import FeatureMoments, FIDError
 from nvae.analysis.fid_protocol import (FIDProtocol, bn_cache_checkpoint, default_output_name, default_protocol,
                                is_official_checkpoint, protocol_statistics, sample_moments, stats_dataset,
                                stats_splits)
 from nvae.formats.keymap import key_map
 from nvae.analysis.sampling import decoder_bn_layers, readjust_bn
+from nvae.seeds import EVAL_BATCH, derived_seed
 
 
 class FakeFeatures:
@@ -86,7 +86,8 @@ def test_feature_moments_equal_numpy_whatever_the_chunks():
     np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), rtol=1e-9, atol=1e-12)
     for reduction in ("pooled", "average"):       # one process: nothing to reduce
-        np.testing.assert_array_equal(m.reduce(None, reduction)[1], sigma)
+        np.testing.assert_array_equal(m.reduce(reduction=reduction)[1], sigma)
+        np.testing.assert_array_equal(m.reduce(DistributedContext(), reduction)[1], sigma)
     with pytest.raises(FIDError, match="at least 2"):
         FeatureMoments(6).statistics()
     with pytest.raises(FIDError, match=r"shape \(N, 6\)"):
@@ -140,7 +141,7 @@ def test_official_protocol_readjusts_bn_at_t_then_feeds_means_drawn_at_t1():
 
     # what Inception saw: the mean of p(x|z) for latents drawn at t = 1 with batch b's generator
     for b, fed in enumerate(features.fed):
-        g = torch.Generator().manual_seed(batch_seed(4, b))
+        g = torch.Generator().manual_seed(derived_seed(EVAL_BATCH, 4, b))
         dist = reference.output_distribution(reference.sample_logits(len(fed), 1.0, g))
         torch.testing.assert_close(fed, dist.mean().float(), rtol=0, atol=0)
         assert not torch.allclose(fed, dist.sample(1.0, g).float())
@@ -164,7 +165,7 @@ def test_our_protocol_feeds_samples_drawn_at_t():
     _, info = protocol_statistics(model, protocol, features, progress=False)
     assert calls == [(2, 0.7, False), (1, 0.7, False)]
     for b, fed in enumerate(features.fed):
-        g = torch.Generator().manual_seed(batch_seed(0, b))
+        g = torch.Generator().manual_seed(derived_seed(EVAL_BATCH, 0, b))
         torch.testing.assert_close(fed, model.sample(len(fed), 0.7, g), rtol=0, atol=0)
     assert info["images"].startswith("samples") and info["sampling_temperature"] == 0.7
     assert info["readjust_bn"] is False and info["bn_temperature"] is None and info["bn_from_cache"] is None
@@ -177,7 +178,7 @@ def test_binary_models_feed_bernoulli_means_under_both(name):
     model = _model("bernoulli")
     features = _features(model)
     sample_moments(model, FIDProtocol(name, temperature=0.8, num_samples=2, batch_size=2), features, progress=False)
-    g = torch.Generator().manual_seed(batch_seed(0, 0))
+    g = torch.Generator().manual_seed(derived_seed(EVAL_BATCH, 0, 0))
     logits = model.sample_logits(2, 1.0 if name == "official" else 0.8, g)
     torch.testing.assert_close(features.fed[0], torch.sigmoid(logits), rtol=0, atol=0)
 

@@ -1,48 +1,27 @@
 """benchmarks/conv_passes.py and step_parts.py: the breakdowns add up to their totals."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import load_benchmark
 from nvae import NVAE, NVAEConfig
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def benchmarks_on_path():
-    # The benchmark scripts import each other as top-level modules.
-    sys.path.insert(0, str(BENCH))
-    yield
-    sys.path.remove(str(BENCH))
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("conv_passes")
+    return load_benchmark("conv_passes")
 
 
 @pytest.fixture(scope="module")
 def parts():
-    return _load("step_parts")
+    return load_benchmark("step_parts")
 
 
 def test_counts_cover_every_convolution_module_call(bench):
     """model_conv_counts sees each conv module call of a training forward once (and the functional ones too)."""
-    from conv_kernels import model_conv_counts
     cfg = NVAEConfig.preset("digits")
-    counts = model_conv_counts(cfg, 2)
+    counts = load_benchmark("_common").model_conv_counts(cfg, 2)
     model = NVAE(cfg).train()
     calls = []
     for m in model.modules():
@@ -83,8 +62,7 @@ def test_rows_add_up_to_the_totals(bench, capsys):
 
 
 def test_kind_names_the_kernel(bench):
-    from conv_kernels import ConvShape
-    base = ConvShape(2, 8, 8, (4, 4), (5, 5), (1, 1), (2, 2), (1, 1), 8, False, False)
+    base = load_benchmark("_common").ConvShape(2, 8, 8, (4, 4), (5, 5), (1, 1), (2, 2), (1, 1), 8, False, False)
     assert bench.kind(base) == "depthwise"
     assert bench.kind(base._replace(groups=1, kernel=(1, 1))) == "1x1"
     assert bench.kind(base._replace(groups=2, kernel=(3, 3))) == "3x3"
@@ -116,7 +94,7 @@ def test_step_parts_refuses_a_batch_below_one(parts, capsys):
 
 def test_grouped_conv_formulation_is_the_depthwise_weight_gradient():
     """depthwise_grad.py times this formulation: it must be the gradient it claims (float64 autograd)."""
-    grad_bench = _load("depthwise_grad")
+    grad_bench = load_benchmark("depthwise_grad")
     torch.manual_seed(0)
     for n, c, h, k, pad in [(3, 4, 6, 5, 2), (2, 3, 5, 3, 1), (1, 2, 4, 3, 0)]:
         x = torch.randn(n, c, h, h, dtype=torch.float64)

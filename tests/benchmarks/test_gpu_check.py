@@ -1,11 +1,9 @@
 """benchmarks/gpu_check.py on the CPU: its arguments, its rows and its table (the GPU figures need a GPU)."""
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import gpu_check  # noqa: E402
+from conftest import load_benchmark
+
+gpu_check = load_benchmark("gpu_check")
 
 TINY = ["--model", "num_channels_enc=4", "--model", "num_channels_dec=4", "--model", "num_groups_per_scale=2"]
 

@@ -1,13 +1,9 @@
 """benchmarks/step_ratios.py: its option strings and one tiny run."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("step_ratios", ROOT / "benchmarks" / "step_ratios.py")
-step_ratios = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(step_ratios)
+from conftest import load_benchmark
+
+step_ratios = load_benchmark("step_ratios")
 
 
 def test_option_strings():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import REFERENCE, needs_shared
-from nvae import NVAE, NVAEConfig
+from nvae import NVAE, NVAEConfig, speedups
 from nvae.formats.checkpoint import CheckpointError, read_checkpoint, upgrade
 from nvae.config import ARCH_INSTANCES
 from nvae.formats.keymap import key_map, layout, modules_in_official_order
@@ -56,7 +56,7 @@ def test_the_walk_is_in_the_format1_state_dict_order():
 def test_format1_checkpoint_loads_and_gives_its_outputs():
     stored = torch.load(FORMAT1, weights_only=True)
     assert stored["version"] == 1
-    model = NVAE.from_checkpoint(FORMAT1).eval().set_fused_inference(False)
+    model = NVAE.from_checkpoint(FORMAT1).eval()   # the plain network, op by op
     expected = stored["expected"]
     with torch.no_grad():
         out = model(expected["x"], temperature=0.0)
@@ -66,7 +66,7 @@ def test_format1_checkpoint_loads_and_gives_its_outputs():
     torch.testing.assert_close(out.kl, expected["kl"], rtol=STORED_RTOL, atol=STORED_ATOL)
     # With BN folded into the separable cells (the default in evaluation): the same up to rounding.
     with torch.no_grad():
-        folded = model.set_fused_inference(True)(expected["x"], temperature=0.0)
+        folded = speedups.apply(model)(expected["x"], temperature=0.0)
     torch.testing.assert_close(folded.logits, expected["logits"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(folded.kl, expected["kl"], rtol=1e-5, atol=1e-6)
 

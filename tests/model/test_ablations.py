@@ -2,25 +2,20 @@
 trains a step with the full objective and round-trips through save/load; res_elu's data-dependent
 initialisation inside a whole model; and benchmarks/ablations.py end to end on tiny budgets."""
 import dataclasses
-import importlib.util
 import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DATA, needs_shared
+from conftest import BENCHMARKS, DATA, load_benchmark, needs_shared
 from nvae import NVAE, NVAEConfig
 from nvae.model.layers import SqueezeExcitation, WNConv2d
 from nvae.training.objective import balanced_kl, kl_balance_alpha, nvae_loss
 from nvae.training.state import TrainState
-from nvae.training.step import Coefficients
-from nvae.training.loop import train_step
-
-ROOT = Path(__file__).resolve().parents[2]
+from nvae.training.step import Coefficients, train_step
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +169,7 @@ def test_the_counter_reproduces_the_official_mnist_model():
 
 
 def test_the_named_variants_are_the_official_ones():
-    from nvae.model.cells import ARCH_INSTANCES
+    from nvae.config import ARCH_INSTANCES
     assert sorted(ARCH_INSTANCES) == NAMED_VARIANTS
 
 
@@ -280,11 +275,7 @@ def test_res_elu_model_first_batch_normalises_every_data_initialised_conv():
 
 # ------------------------------------------------------------------------------------------------
 def _ablations():
-    spec = importlib.util.spec_from_file_location("ablations_benchmark", ROOT / "benchmarks" / "ablations.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module      # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablations")
 
 
 def test_benchmark_plans_the_papers_tables_without_duplicate_runs():
@@ -343,7 +334,7 @@ def test_benchmark_row_trains_and_evaluates_in_process(tmp_path, monkeypatch):
 @needs_shared("data", "MNIST")
 def test_benchmark_command_line_writes_markdown_and_json(tmp_path):
     out = tmp_path / "ablations.md"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "ablations.py"), "--data", str(DATA), "--tables", "kl",
+    cmd = [sys.executable, str(BENCHMARKS / "ablations.py"), "--data", str(DATA), "--tables", "kl",
            "--depths", "1", "--steps", "2", "--batch-size", "4", "--train-images", "8", "--test-images", "3",
            "--num-samples", "2", "--model", "num_channels_enc=4", "--model", "num_channels_dec=4",
            "--out", str(out), "--work-dir", str(tmp_path / "runs")]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nvae import NVAE, NVAEConfig
+from nvae import NVAE, NVAEConfig, speedups
 from nvae.model.layers import WNConv2d, effective_weight
 from nvae.model.regularizers import SpectralRegularizer, batchnorm_loss
 
@@ -174,8 +174,8 @@ def test_model_batchnorm_loss_covers_every_bn_layer():
 def test_spectral_loss_reuses_the_forward_weights_with_the_same_gradients(checkpointing):
     """L_SR on the forward pass's normalised weights (as the official code does) = on fresh ones."""
     torch.manual_seed(0)
-    model = tiny_model().train().set_checkpointing(checkpointing)
-    fresh = tiny_model().train().set_checkpointing(checkpointing)
+    model = speedups.apply(tiny_model().train(), checkpointing=checkpointing)
+    fresh = speedups.apply(tiny_model().train(), checkpointing=checkpointing)
     fresh.load_state_dict(model.state_dict())
     x = torch.rand(2, 3, 8, 8)
     grads = []
@@ -198,7 +198,7 @@ def test_spectral_loss_reuses_the_forward_weights_with_the_same_gradients(checkp
 
 
 def test_spectral_loss_after_backward_or_an_update_uses_fresh_weights():
-    model = tiny_model().train()
+    model = speedups.apply(tiny_model().train())
     x = torch.rand(2, 3, 8, 8)
     model(x).recon.sum().backward()            # the forward weights' graph is freed here
     model.spectral_loss().backward()           # so these must be computed anew: no error

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nvae import NVAE, NVAEConfig
+from nvae import NVAE, NVAEConfig, speedups
 from nvae.speedups.depthwise import DepthwiseConv2d, depthwise_weight_grad
 
 
@@ -54,22 +54,20 @@ def test_module_matches_conv2d(size, bias):
 
 
 def test_model_depthwise_convs_are_swapped_in_place():
-    model = NVAE(NVAEConfig.preset("digits"))
+    model = speedups.apply(NVAE(NVAEConfig.preset("digits")))
     depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1
                  and m.groups == m.in_channels == m.out_channels]
     assert depthwise and all(type(m) is DepthwiseConv2d for m in depthwise)
     fresh = nn.Conv2d(4, 4, 5, groups=4, bias=False)
     assert set(fresh.state_dict()) == set(depthwise[0].state_dict())
+    speedups.remove(model)                      # and back: the plain network's nn.Conv2d
+    assert all(type(m) is nn.Conv2d for m in depthwise)
 
 
 def test_benchmark_lists_every_depthwise_shape_and_its_choice(capsys):
     """benchmarks/depthwise_grad.py on a tiny model: one row per depthwise shape, each saying which path trains."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "depthwise_grad.py"
-    spec = importlib.util.spec_from_file_location("depthwise_grad", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_benchmark
+    bench = load_benchmark("depthwise_grad")
     bench.main(["--preset", "digits", "--batch", "2", "--repeats", "1"])
     cpu, header, columns, *rows = capsys.readouterr().out.splitlines()
     assert cpu.startswith("# ") and "thread(s)" in cpu

@@ -15,7 +15,8 @@ import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
 #: The tests that run the model's convolutions forward and backward.
-KERNEL_TESTS = ["model/test_layers.py", "model/test_model.py", "speedups/test_fused.py", "speedups/test_train_options.py",
+KERNEL_TESTS = ["model/test_layers.py", "model/test_network.py", "speedups/test_recompute_bn.py",
+                "speedups/test_train_options.py",
                 "model/test_flows.py", "model/test_regularizers.py", "formats/test_official.py",
                 "model/test_ablations.py::test_benchmark_row_trains_and_evaluates_in_process"]
 

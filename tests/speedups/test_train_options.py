@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from nvae import NVAE, NVAEConfig
+from nvae import NVAE, NVAEConfig, speedups
 from nvae.speedups.memory import checkpointed_roles
 from nvae.training.objective import kl_balance_alpha, nvae_loss
 
@@ -31,14 +31,14 @@ def step(model, x, autocast_dtype=None, seed=5):
 @pytest.fixture
 def pair():
     torch.manual_seed(0)
-    model = NVAE(tiny()).train()
+    model = speedups.apply(NVAE(tiny()).train())
     x = (torch.rand(4, 1, 32, 32) > 0.5).float()
     return model, copy.deepcopy(model), x
 
 
 def test_checkpointing_is_exact(pair):
     a, b, x = pair
-    b.set_checkpointing(True)
+    speedups.apply(b, checkpointing=True)
     la, ga = step(a, x)
     lb, gb = step(b, x)
     assert torch.equal(la, lb)
@@ -50,11 +50,11 @@ def test_checkpointing_is_exact(pair):
 
 def test_checkpointing_only_some_roles(pair):
     _, b, _ = pair
-    b.set_checkpointing(True, roles=["normal_dec"])
+    speedups.apply(b, checkpointing=("normal_dec",))
     flags = checkpointed_roles(b)
     assert flags["normal_dec"] and not flags["normal_enc"] and not flags["up_post"]
     with pytest.raises(ValueError, match=r"unknown cell role\(s\) \['normal_dex'\]"):
-        b.set_checkpointing(True, roles=["normal_dex"])     # a typo would otherwise checkpoint nothing
+        speedups.apply(b, checkpointing=("normal_dex",))     # a typo would otherwise checkpoint nothing
 
 
 def test_channels_last_gives_the_same_step(pair):
@@ -91,7 +91,7 @@ def test_compiled_forward_gives_the_same_step(pair):
 
 def test_checkpointing_roles_config():
     """Roles arrive as a tuple from a list (JSON), a comma string (overrides) or a tuple, and are checked."""
-    from nvae.training.loop import TrainConfig
+    from nvae.config import TrainConfig
     cfg = TrainConfig(checkpointing=True, checkpointing_roles=["normal_post", "up_post"])
     assert cfg.checkpointing_roles == ("normal_post", "up_post")
     assert TrainConfig(checkpointing=True, checkpointing_roles="normal_post, up_post") == cfg

@@ -21,8 +21,8 @@ from nvae.training.ema import WeightEMA, averaged_names, stored_ema
 from nvae.training.objective import kl_balance_alpha
 from nvae.training.run_dir import RunLog, load_any, load_weights
 from nvae.training.state import TrainState
-from nvae.training.step import Coefficients
-from nvae.training.loop import train, train_step
+from nvae.training.step import Coefficients, train_step
+from nvae.training.loop import train
 
 RATE = 0.9
 
@@ -201,7 +201,7 @@ def test_roll_back_restores_the_checkpoints_ema_and_an_older_checkpoint_still_lo
     assert resumed.step == 2 and resumed.clipped_steps == 0 and not resumed.ema.weights
     train_step(resumed, _batch(5), coeffs)   # the EMA starts from the weights again
     assert all(torch.equal(resumed.ema.weights[k], v) for k, v in resumed.model.state_dict().items())
-    model, _, used = load_weights(path)
+    model, _, used, _ = load_weights(path)
     assert used == "raw" and stored_ema(old) is None
     assert all(torch.equal(v, old["state_dict"][k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="no EMA"):
@@ -223,9 +223,9 @@ def ema_run(tmp_path_factory):
 
 def test_load_weights_gives_the_ema_by_default_and_raw_on_request(ema_run):
     stored = read_checkpoint(ema_run / "checkpoint.pt")
-    ema, path, used = load_weights(ema_run)
+    ema, path, used, _ = load_weights(ema_run)
     assert used == "ema" and path == ema_run / "checkpoint.pt" and not ema.training
-    raw, _, used_raw = load_weights(ema_run, weights="raw")
+    raw, _, used_raw, _ = load_weights(ema_run, weights="raw")
     assert used_raw == "raw"
     for k, v in ema.state_dict().items():
         assert torch.equal(v, stored["ema"]["state_dict"][k]), k

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+from nvae.config import TrainConfig
 from nvae.training.objective import balanced_kl, kl_balance_alpha, kl_coefficient, regularization_coefficient
-from nvae.training.loop import TrainConfig, learning_rate
+from nvae.training.step import learning_rate
 
 
 def test_kl_warmup_follows_the_official_formula():

@@ -20,12 +20,14 @@ import nvae.training.loop as train_module
 from nvae.config import NVAEConfig, TrainConfig
 from nvae.data import build_dataset
 from nvae.analysis.likelihood import EvalConfig, evaluate
+from nvae import speedups
 from nvae.model.network import NVAE
+from nvae.seeds import VALIDATION_EVAL, VALIDATION_SAMPLES, derived_seed
 from nvae.training.run_dir import RunLog
 from nvae.training.state import TrainState
 from nvae.training.loop import TrainingInterrupted, train
 from nvae.training.validation import (FINAL_FILE, HISTORY_FILE, TAGS, TEMPERATURES, Validation, eval_interval, is_due,
-                             sample_grids, validation_seed)
+                             sample_grids)
 
 # A minimal digits model; batch 150 makes 10 steps per epoch, 3 epochs the 30-step run.
 MODEL = NVAEConfig.preset("digits", num_channels_enc=4, num_channels_dec=4, num_latent_scales=1,
@@ -91,7 +93,8 @@ def test_eval_every_overrides_the_schedule_and_zero_turns_it_off():
 
 def test_bits_per_dim_of_mnist_are_over_the_28x28_pixels_the_official_code_counts():
     assert NVAEConfig.preset("mnist").num_data_dims == 28 * 28
-    assert validation_seed(1, 0, "eval") != validation_seed(1, 1, "eval") != validation_seed(1, 1, "samples")
+    assert (derived_seed(VALIDATION_EVAL, 1, 0) != derived_seed(VALIDATION_EVAL, 1, 1)
+            != derived_seed(VALIDATION_SAMPLES, 1, 1))
 
 
 def test_the_train_command_sets_the_schedule_and_a_resumed_run_may_change_it(tmp_path, capsys):
@@ -183,12 +186,13 @@ def test_the_run_logs_the_official_tags_grids_and_a_final_json(reference):
 def test_the_numbers_are_an_evaluation_of_the_models_weights_at_that_point(reference):
     """The final JSON and the last epoch's entry are :func:`evaluate` of the final checkpoint,
     with K = final_eval_samples and eval_samples, seeded by (seed, epoch)."""
-    model = NVAE.from_checkpoint(reference / "checkpoint.pt").eval()
+    # as training runs it: with the default speed-ups (BN folded in evaluation)
+    model = speedups.apply(NVAE.from_checkpoint(reference / "checkpoint.pt")).eval()
     data = build_dataset("digits", "test", None)
     for k, epoch, expected in ((3, 3, json.loads((reference / FINAL_FILE).read_text())),
                                (2, 2, _history(reference)[-1])):
         config = EvalConfig(num_samples=k, batch_size=TRAIN.batch_size, max_images=TRAIN.eval_max_images,
-                            seed=validation_seed(TRAIN.seed, epoch, "eval"))
+                            seed=derived_seed(VALIDATION_EVAL, TRAIN.seed, epoch))
         result = evaluate(model, data, config, progress=False)
         assert (result.nll, result.nelbo) == (expected["nll"], expected["nelbo"])
 
@@ -221,7 +225,7 @@ def test_with_an_ema_the_ema_weights_are_validated_and_the_trained_ones_kept(tmp
     from nvae.training.run_dir import load_weights
     loaded = load_weights(tmp_path / "on" / "checkpoint.pt", "cpu", "ema")
     config = EvalConfig(num_samples=3, batch_size=TRAIN.batch_size, max_images=TRAIN.eval_max_images,
-                        seed=validation_seed(TRAIN.seed, 3, "eval"))
+                        seed=derived_seed(VALIDATION_EVAL, TRAIN.seed, 3))
     result = evaluate(loaded.model, build_dataset("digits", "test", None), config, progress=False)
     assert (result.nll, result.nelbo) == (final["nll"], final["nelbo"])
     raw = evaluate(load_weights(tmp_path / "on" / "checkpoint.pt", "cpu", "raw").model,
@@ -305,6 +309,6 @@ def test_torchrun_validation_is_sharded_and_equals_one_process(tmp_path):
     final = json.loads((run / FINAL_FILE).read_text())
     assert final["num_images"] == 297                             # 3 batches of the test split over 2 processes
     one = evaluate(NVAE.from_checkpoint(run / "checkpoint.pt").eval(), build_dataset("digits", "test", None),
-                   EvalConfig(num_samples=2, batch_size=100, seed=validation_seed(TRAIN.seed, 2, "eval")),
+                   EvalConfig(num_samples=2, batch_size=100, seed=derived_seed(VALIDATION_EVAL, TRAIN.seed, 2)),
                    progress=False)
     assert (final["nll"], final["nelbo"]) == pytest.approx((one.nll, one.nelbo), rel=1e-9)

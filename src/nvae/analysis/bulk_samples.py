@@ -28,8 +28,10 @@ from typing import Iterator, List, Optional, Union
 import numpy as np
 import torch
 
+from ..distributed import DistributedContext
 from ..formats.checkpoint import atomic_write, model_fingerprint, save_png
 from ..model.network import NVAE, Temperature, per_group
+from ..seeds import sequence_seed
 from .sampling import decoder_bn_layers
 
 MANIFEST = "manifest.json"
@@ -88,10 +90,10 @@ class BulkResult:
 
 
 def chunk_generator(seed: int, index: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
-    """The generator of chunk ``index``: seeded from ``(seed, index)`` through NumPy's SeedSequence,
-    so neighbouring chunks get unrelated streams and no chunk depends on another."""
-    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+    """The generator of chunk ``index``: seeded from ``(seed, index)`` through NumPy's SeedSequence
+    (:func:`~nvae.seeds.sequence_seed`, 64 bits), so neighbouring chunks get unrelated streams and no
+    chunk depends on another."""
+    return torch.Generator(device=device).manual_seed(sequence_seed(seed, index, bits=64))
 
 
 def chunk_path(out_dir: Union[str, Path], index: int, num_chunks: int) -> Path:
@@ -135,28 +137,28 @@ def _check_manifest(out_dir: Path, expected: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(expected, indent=2, sort_keys=True).encode()))
 
 
-def _agree_on_folder(out_dir: Path, expected: dict, dist_ctx) -> None:
+def _agree_on_folder(out_dir: Path, expected: dict, dist_ctx: DistributedContext) -> None:
     """Rank 0 checks (or writes) the manifest; every process raises if it refused the folder.
 
     One process decides, so that no process can see a chunk that another has just written
     and take the folder for a foreign one; the collective doubles as the start barrier.
     """
     error = None
-    if dist_ctx is None or dist_ctx.is_main:
+    if dist_ctx.is_main:
         try:
             _check_manifest(out_dir, expected)
         except (ValueError, OSError) as e:
             error = e
-    if dist_ctx is not None and dist_ctx.any(error is not None) and error is None:
+    if dist_ctx.any(error is not None) and error is None:
         raise ValueError(f"process 0 refused the output folder {out_dir} (its message says why)")
     if error is not None:
         raise error
 
 
-def broadcast_decoder_bn(model: NVAE, dist_ctx) -> None:
+def broadcast_decoder_bn(model: NVAE, dist_ctx: DistributedContext) -> None:
     """Give every process rank 0's decoder BN statistics (after a BN re-adjustment, which on a GPU
     need not give bit-equal statistics in every process), so all ranks sample from one model."""
-    if dist_ctx is None or not dist_ctx.enabled:
+    if not dist_ctx.enabled:
         return
     import torch.distributed as dist
     for layer in decoder_bn_layers(model).values():
@@ -164,13 +166,14 @@ def broadcast_decoder_bn(model: NVAE, dist_ctx) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def _barrier(dist_ctx) -> None:
-    if dist_ctx is not None and dist_ctx.enabled:
+def _barrier(dist_ctx: DistributedContext) -> None:
+    if dist_ctx.enabled:
         dist_ctx.any(False)   # a collective every process must reach
 
 
-def sample_to_chunks(model: NVAE, out_dir: Union[str, Path], config: BulkConfig, dist_ctx=None,
-                     progress: bool = False, identity: Optional[dict] = None) -> BulkResult:
+def sample_to_chunks(model: NVAE, out_dir: Union[str, Path], config: BulkConfig,
+                     dist_ctx: DistributedContext = DistributedContext(), progress: bool = False,
+                     identity: Optional[dict] = None) -> BulkResult:
     """Draw ``config.n`` prior samples into numbered ``.npz`` chunks under ``out_dir``, then a grid.
 
     Under torchrun pass ``dist_ctx`` (:class:`~nvae.distributed.DistributedContext`):
@@ -183,7 +186,7 @@ def sample_to_chunks(model: NVAE, out_dir: Union[str, Path], config: BulkConfig,
     """
     from tqdm import tqdm
     out_dir = Path(out_dir)
-    rank, world = (dist_ctx.rank, dist_ctx.world_size) if dist_ctx is not None else (0, 1)
+    rank, world = dist_ctx.rank, dist_ctx.world_size
     expected = {**config.record(model.num_groups),
                 **(identity if identity is not None else {"weights_sha256": model_fingerprint(model)})}
     _agree_on_folder(out_dir, json.loads(json.dumps(expected)), dist_ctx)   # tuples compare as the JSON lists

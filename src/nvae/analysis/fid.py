@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..distributed import DistributedContext
+
 __all__ = ["FIDError", "FID_WEIGHTS_FILE", "FID_WEIGHTS_URL", "FEATURE_DIMS", "InceptionFeatures",
            "load_inception_weights", "activation_statistics", "dataset_statistics", "sample_statistics",
            "frechet_distance", "model_fid", "save_statistics", "load_statistics", "file_sha256", "FeatureMoments",
@@ -256,7 +258,7 @@ class FeatureMoments:
         sigma = (self.outer - n * np.outer(mu, mu)) / (n - 1)
         return mu, (sigma + sigma.T) / 2
 
-    def reduce(self, dist_ctx=None, reduction: str = "pooled") -> Stats:
+    def reduce(self, dist_ctx: DistributedContext = DistributedContext(), reduction: str = "pooled") -> Stats:
         """``(mu, sigma)`` over every process of ``dist_ctx`` (a :class:`~nvae.distributed.DistributedContext`).
 
         ``pooled``: counts, sums and outer products are summed over processes, so the result is
@@ -267,7 +269,7 @@ class FeatureMoments:
         """
         if reduction not in REDUCTIONS:
             raise FIDError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if dist_ctx is None or not dist_ctx.enabled:
+        if not dist_ctx.enabled:
             return self.statistics()
         import torch.distributed as dist
         d = self.dims

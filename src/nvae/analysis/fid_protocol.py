@@ -37,10 +37,12 @@ from typing import Optional, Tuple, Union
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..distributed import DistributedContext
 from ..formats.checkpoint import CheckpointError, safe_load
-from .likelihood import batch_seed
+from ..formats.opened import OpenedCheckpoint
 from .fid import REDUCTIONS, FeatureMoments, FIDError, Stats, frechet_distance
 from ..model.network import NVAE, Temperature, training_mode
+from ..seeds import EVAL_BATCH, derived_seed
 from .sampling import decoder_bn_layers, readjust_bn, readjust_bn_cached, temperature_name
 
 __all__ = ["PROTOCOLS", "FIDProtocol", "is_official_checkpoint", "default_protocol", "prepare_bn",
@@ -137,8 +139,11 @@ class FIDProtocol:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def is_official_checkpoint(path: Union[str, Path]) -> bool:
-    """Whether ``path`` (a checkpoint or a run directory) was written by the official ``train.py``."""
+def is_official_checkpoint(path: Union[str, Path, OpenedCheckpoint]) -> bool:
+    """Whether ``path`` (a checkpoint, a run directory, or a checkpoint already opened) was written by the
+    official ``train.py``."""
+    if isinstance(path, OpenedCheckpoint):
+        return path.is_official
     p = Path(path)
     if p.is_dir():
         p = p / "checkpoint.pt"
@@ -149,7 +154,7 @@ def is_official_checkpoint(path: Union[str, Path]) -> bool:
     return isinstance(state, dict) and isinstance(state.get("args"), argparse.Namespace)
 
 
-def default_protocol(path: Union[str, Path]) -> str:
+def default_protocol(path: Union[str, Path, OpenedCheckpoint]) -> str:
     """``official`` for a checkpoint of the official code, ``ours`` for one of ours."""
     return "official" if is_official_checkpoint(path) else "ours"
 
@@ -173,7 +178,7 @@ def _device(model: NVAE) -> torch.device:
 
 
 def prepare_bn(model: NVAE, protocol: FIDProtocol, checkpoint: Union[str, Path, None] = None,
-               dist_ctx=None, progress: bool = False) -> Optional[bool]:
+               dist_ctx: DistributedContext = DistributedContext(), progress: bool = False) -> Optional[bool]:
     """Re-adjust the decoder BN statistics if ``protocol`` asks; None if not, else whether a cache was used.
 
     The generator is seeded with ``protocol.seed``. With ``checkpoint`` the statistics are
@@ -182,7 +187,7 @@ def prepare_bn(model: NVAE, protocol: FIDProtocol, checkpoint: Union[str, Path, 
     """
     if not protocol.readjust_bn:
         return None
-    main = dist_ctx is None or dist_ctx.is_main
+    main = dist_ctx.is_main
     cached = False
     if main:
         g = torch.Generator(_device(model)).manual_seed(protocol.seed)
@@ -191,7 +196,7 @@ def prepare_bn(model: NVAE, protocol: FIDProtocol, checkpoint: Union[str, Path, 
             readjust_bn(model, *args)
         else:
             cached = readjust_bn_cached(model, bn_cache_checkpoint(checkpoint, protocol.bn_batch), *args)
-    if dist_ctx is not None and dist_ctx.enabled:
+    if dist_ctx.enabled:
         import torch.distributed as dist
         for m in decoder_bn_layers(model).values():
             for buf in (m.running_mean, m.running_var):
@@ -203,7 +208,7 @@ def prepare_bn(model: NVAE, protocol: FIDProtocol, checkpoint: Union[str, Path, 
     return cached
 
 
-def sample_moments(model: NVAE, protocol: FIDProtocol, features, dist_ctx=None,
+def sample_moments(model: NVAE, protocol: FIDProtocol, features, dist_ctx: DistributedContext = DistributedContext(),
                    progress: bool = True) -> FeatureMoments:
     """This process's share of the protocol's images, through ``features``, as :class:`FeatureMoments`.
 
@@ -212,7 +217,7 @@ def sample_moments(model: NVAE, protocol: FIDProtocol, features, dist_ctx=None,
     A ``quantize`` attribute of ``features`` is set to the protocol's choice while it runs.
     """
     from tqdm import tqdm
-    world, rank = (dist_ctx.world_size, dist_ctx.rank) if dist_ctx is not None else (1, 0)
+    world, rank = dist_ctx.world_size, dist_ctx.rank
     mine = protocol.shard(rank, world)
     moments = FeatureMoments(features.dims)
     device = _device(model)
@@ -220,7 +225,7 @@ def sample_moments(model: NVAE, protocol: FIDProtocol, features, dist_ctx=None,
                dynamic_ncols=True, disable=not (progress and rank == 0))
     with _quantizing(features, protocol.quantizes), training_mode(model, False), bar:
         for b in mine:
-            g = torch.Generator(device).manual_seed(batch_seed(protocol.seed, b))
+            g = torch.Generator(device).manual_seed(derived_seed(EVAL_BATCH, protocol.seed, b))
             x = protocol.draw(model, protocol.batch_len(b), g)
             moments.add(features(x))
             bar.update(len(x))
@@ -252,13 +257,14 @@ def _check_shards(protocol: FIDProtocol, world: int) -> None:
 
 
 def protocol_statistics(model: NVAE, protocol: FIDProtocol, features, checkpoint: Union[str, Path, None] = None,
-                        dist_ctx=None, progress: bool = True) -> Tuple[Stats, dict]:
+                        dist_ctx: DistributedContext = DistributedContext(),
+                        progress: bool = True) -> Tuple[Stats, dict]:
     """``((mu, sigma), info)`` of the protocol's images on every process.
 
     BN is re-adjusted first if asked (:func:`prepare_bn`); ``info`` is
     :meth:`FIDProtocol.describe` plus ``bn_from_cache`` and ``world_size``.
     """
-    world = dist_ctx.world_size if dist_ctx is not None else 1
+    world = dist_ctx.world_size
     _check_shards(protocol, world)
     cached = prepare_bn(model, protocol, checkpoint, dist_ctx, progress)
     moments = sample_moments(model, protocol, features, dist_ctx, progress)
@@ -269,7 +275,8 @@ def protocol_statistics(model: NVAE, protocol: FIDProtocol, features, checkpoint
 
 
 def protocol_fid(model: NVAE, protocol: FIDProtocol, features, reference: Stats,
-                 checkpoint: Union[str, Path, None] = None, dist_ctx=None, progress: bool = True) -> dict:
+                 checkpoint: Union[str, Path, None] = None, dist_ctx: DistributedContext = DistributedContext(),
+                 progress: bool = True) -> dict:
     """FID of the protocol's images against ``reference`` ``(mu, sigma)``: ``{"fid": ..., **info}``."""
     if reference[0].shape[0] != features.dims:
         raise FIDError(f"the data statistics hold {reference[0].shape[0]} features but the feature extractor "

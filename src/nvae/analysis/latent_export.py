@@ -34,13 +34,13 @@ atomically at the end (the folder is removed whatever happens). Under ``torchrun
 process encodes its share of the batches (global batch ``b`` on rank ``b % W``) and rank 0
 gathers and writes them. Global batch ``b`` draws its randomness (MNIST's binarisation, the
 posterior noise of ``sample``, the KL estimate of ``active_only``) from a generator seeded by
-``(seed, b)`` (:func:`latents_seed`), so the file does not depend on the number of processes;
-with deterministic inputs (every data set but MNIST) the posterior means depend on nothing
-but the weights and the image.
+``(seed, b)`` (:func:`~nvae.seeds.derived_seed` in ``LATENTS_ENCODE``, in ``LATENTS_KL`` for the
+KL estimate), so the file does not depend on the number of processes; with deterministic
+inputs (every data set but MNIST) the posterior means depend on nothing but the weights and
+the image.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -57,9 +57,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..formats.checkpoint import atomic_write, model_fingerprint
 from ..data import prepare_batch
+from ..distributed import DistributedContext
 from .likelihood import kl_statistics
 from ..model.latent_group import FromPosterior, LatentGroup
 from ..model.network import NVAE, Temperature, training_mode
+from ..seeds import LATENTS_ENCODE, LATENTS_KL, derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +111,9 @@ class Latents:
         return Latents([z[:n] for z in self.z], self.channels, self.indices[:n], self.meta)
 
 
-def latents_seed(seed: int, index: int, stream: str = "encode") -> int:
-    """The seed of global batch ``index``'s generator in ``stream`` (``encode``, or ``kl`` for the active-channel
-    pass): a 63-bit hash, so neighbouring seeds give unrelated streams."""
-    digest = hashlib.blake2b(f"nvae-latents/{stream}/{seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
-
-
-def _world(dist_ctx) -> Tuple[int, int]:
-    """(world size, rank); (1, 0) without a context."""
-    return (dist_ctx.world_size, dist_ctx.rank) if dist_ctx is not None and dist_ctx.enabled else (1, 0)
+def _world(dist_ctx: DistributedContext) -> Tuple[int, int]:
+    """(world size, rank); (1, 0) for one process."""
+    return (dist_ctx.world_size, dist_ctx.rank) if dist_ctx.enabled else (1, 0)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -134,13 +129,14 @@ def encode_batch(model: NVAE, x: torch.Tensor, temperature: float = 0.0,
 
 @torch.no_grad()
 def active_channels(model: NVAE, data: Dataset, threshold: float = 0.1, batch_size: int = 64, seed: int = 0,
-                    dist_ctx=None, progress: bool = False) -> List[torch.Tensor]:
+                    dist_ctx: DistributedContext = DistributedContext(),
+                    progress: bool = False) -> List[torch.Tensor]:
     """Per group, the indices of the latent channels whose average KL over ``data`` exceeds ``threshold``
     (nats per image): :func:`~nvae.analysis.likelihood.kl_statistics`'s active units, channel by channel.
 
     The KL of a group depends on the posterior samples of the groups above it, so it is an
     estimate: global batch ``b`` of ``batch_size`` images is scored with a generator seeded by
-    :func:`latents_seed` ``(seed, b, "kl")``. Under several processes batch ``b`` is scored by rank
+    :func:`~nvae.seeds.derived_seed` ``(LATENTS_KL, seed, b)``. Under several processes batch ``b`` is scored by rank
     ``b % W`` and the sums are all-reduced: every process returns the channels one process finds.
     """
     from tqdm import tqdm
@@ -150,7 +146,7 @@ def active_channels(model: NVAE, data: Dataset, threshold: float = 0.1, batch_si
     mine = range(rank, math.ceil(total / batch_size), world)
     for b in tqdm(mine, desc="KL per channel", unit="batch", disable=not (progress and rank == 0)):
         part = Subset(data, range(b * batch_size, min((b + 1) * batch_size, total)))
-        gen = torch.Generator(device).manual_seed(latents_seed(seed, b, "kl"))
+        gen = torch.Generator(device).manual_seed(derived_seed(LATENTS_KL, seed, b))
         stats = kl_statistics(model, part, batch_size=batch_size, threshold=threshold, generator=gen, progress=False)
         sums += torch.tensor(stats.kl_per_channel, dtype=torch.float64) * stats.num_images
     if world > 1:
@@ -193,7 +189,7 @@ class _NpzAssembler:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _gather(part, dist_ctx) -> Optional[list]:
+def _gather(part, dist_ctx: DistributedContext) -> Optional[list]:
     """Every process's ``part`` on rank 0 (a list in rank order), None on the others."""
     world, rank = _world(dist_ctx)
     if world == 1:
@@ -205,7 +201,8 @@ def _gather(part, dist_ctx) -> Optional[list]:
 
 @torch.no_grad()
 def encode_dataset(model: NVAE, data: Dataset, output: Union[str, Path], config: EncodeConfig = EncodeConfig(), *,
-                   dist_ctx=None, progress: bool = True, identity: Optional[dict] = None) -> Optional[Path]:
+                   dist_ctx: DistributedContext = DistributedContext(), progress: bool = True,
+                   identity: Optional[dict] = None) -> Optional[Path]:
     """Encode the first ``config.max_images`` images of ``data`` (all without it) with ``model`` (in eval
     mode, on its device) and write the latents file ``output`` (see the module docstring).
 
@@ -239,7 +236,7 @@ def encode_dataset(model: NVAE, data: Dataset, output: Union[str, Path], config:
 
 
 def _encode_rounds(model: NVAE, data: Dataset, config: EncodeConfig, keep: List[torch.Tensor],
-                   sinks: Optional[List[np.ndarray]], dist_ctx, progress: bool) -> None:
+                   sinks: Optional[List[np.ndarray]], dist_ctx: DistributedContext, progress: bool) -> None:
     """Encode this process's global batches, round by round; rank 0 writes every round's rows into ``sinks``."""
     from tqdm import tqdm
     world, rank = _world(dist_ctx)
@@ -253,7 +250,7 @@ def _encode_rounds(model: NVAE, data: Dataset, config: EncodeConfig, keep: List[
     for first in range(0, n_batches, world):
         index, part = first + rank, None
         if index < n_batches:
-            g = torch.Generator(device).manual_seed(latents_seed(config.seed, index))
+            g = torch.Generator(device).manual_seed(derived_seed(LATENTS_ENCODE, config.seed, index))
             x = prepare_batch(next(batches)[0].to(device), model.config, g)
             z = encode_batch(model, x, temperature, g)
             if not all(bool(torch.isfinite(zl).all()) for zl in z):

@@ -7,7 +7,7 @@ rule: *a batch's numbers depend on the batch alone*.
 * The first ``num_images`` images of the split are cut into global batches of
   ``batch_size`` consecutive images (the last one may be shorter). Global batch
   ``b`` draws all its randomness (binarisation, posterior samples) from its own
-  generator seeded with :func:`batch_seed` ``(seed, b)``, not from one stream,
+  generator seeded with :func:`~nvae.seeds.derived_seed` ``(EVAL_BATCH, seed, b)``, not from one stream,
   so skipping finished batches, or evaluating a batch on another process,
   changes no draw.
 * Sharding: with W processes, batch ``b`` is evaluated by rank ``b % W``, in
@@ -28,14 +28,13 @@ rule: *a batch's numbers depend on the batch alone*.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -43,10 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..formats.checkpoint import atomic_write, model_fingerprint
 from ..data import prepare_batch
-from ..model.network import NVAE, iw_bound
-
-if TYPE_CHECKING:
-    from ..distributed import DistributedContext
+from ..distributed import DistributedContext
+from ..model.network import NVAE, iw_bound, default_max_batch
+from ..seeds import EVAL_BATCH, derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +69,6 @@ class EvalResult:
     def to_dict(self) -> dict:
         return {**asdict(self), "units": {"nll": "nats/image", "nelbo": "nats/image", "bpd": "bits/dim",
                                           "bpd_elbo": "bits/dim"}}
-
-
-def batch_seed(seed: int, index: int) -> int:
-    """The seed of global batch ``index``'s generator: a 63-bit hash of ``(seed, index)``."""
-    digest = hashlib.blake2b(f"nvae-eval/{seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
 def partial_path_for(output: Union[str, Path]) -> Path:
@@ -121,7 +113,7 @@ class PartialFile:
 @torch.no_grad()
 def evaluate(model: NVAE, data: Dataset, config: EvalConfig = EvalConfig(), *,
              generator: Optional[torch.Generator] = None,
-             dist_ctx: Optional["DistributedContext"] = None, partial: Optional[PartialFile] = None,
+             dist_ctx: DistributedContext = DistributedContext(), partial: Optional[PartialFile] = None,
              progress: bool = True) -> EvalResult:
     """Importance-weighted NLL with K = ``config.num_samples`` and the NELBO over ``data`` (in eval mode),
     on the model's device.
@@ -131,7 +123,7 @@ def evaluate(model: NVAE, data: Dataset, config: EvalConfig = EvalConfig(), *,
     :meth:`NVAE.importance_sample` and :func:`~nvae.model.network.iw_bound` per image.
 
     Randomness: global batch ``b`` (images ``b * batch_size`` onwards) uses a generator on
-    the model's device seeded with :func:`batch_seed` ``(seed, b)``. Without ``config.seed``
+    the model's device seeded with :func:`~nvae.seeds.derived_seed` ``(EVAL_BATCH, seed, b)``. Without ``config.seed``
     one is drawn from ``generator`` (or from torch's global generator without one), so a
     seeded ``generator`` still makes the evaluation reproducible. ``max_batch`` orders the
     draws, so it is part of what makes two evaluations equal.
@@ -166,7 +158,7 @@ class _EvalRun:
     data: Dataset
     config: EvalConfig
     device: torch.device
-    dist_ctx: Optional["DistributedContext"]
+    dist_ctx: DistributedContext
     total: int                      #: images to evaluate
     max_batch: int
     seed: int
@@ -181,7 +173,7 @@ class _EvalRun:
         total = len(data) if config.max_images is None else min(config.max_images, len(data))
         if total < 1:
             raise ValueError(f"nothing to evaluate: the split holds {len(data)} images, max_images={config.max_images}")
-        max_batch = config.max_batch if config.max_batch is not None else (1024 if device.type == "cuda" else 64)
+        max_batch = config.max_batch if config.max_batch is not None else default_max_batch(device)
         seed = config.seed
         if seed is None:
             if partial is not None and generator is None:
@@ -190,7 +182,7 @@ class _EvalRun:
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device))
         # Rank 0 reads the partial file and tells the others (seed included: it may come from rank 0's RNG).
         args, state, error = None, None, None
-        if partial is not None and (dist_ctx is None or dist_ctx.is_main):
+        if partial is not None and dist_ctx.is_main:
             args = {"model_sha256": model_fingerprint(model), "num_samples": config.num_samples,
                     "batch_size": config.batch_size, "max_batch": max_batch, "num_images": total,
                     "dataset_size": len(data), "seed": seed, "device": device.type, **(partial.identity or {})}
@@ -199,7 +191,7 @@ class _EvalRun:
                                       math.ceil(total / config.batch_size), total)
             except ValueError as e:
                 error = str(e)
-        seed, state, error = _from_main((seed, state, error), dist_ctx)
+        seed, state, error = dist_ctx.from_main((seed, state, error))
         if error is not None:
             raise ValueError(error)
         return cls(model, data, config, device, dist_ctx, total, max_batch, seed, partial, args,
@@ -213,7 +205,7 @@ class _EvalRun:
     def sweep(self, progress: bool) -> None:
         """Evaluate the batches not done yet, in rounds, all-reducing and saving after each."""
         from tqdm import tqdm
-        world, rank = (self.dist_ctx.world_size, self.dist_ctx.rank) if self.dist_ctx is not None else (1, 0)
+        world, rank = self.dist_ctx.world_size, self.dist_ctx.rank
         main, b_size = rank == 0, self.config.batch_size
         n_batches, done = math.ceil(self.total / b_size), len(self.nll)
         bar = tqdm(total=self.total, initial=self.images_in(0, done), desc=f"eval K={self.config.num_samples}",
@@ -247,19 +239,10 @@ class _EvalRun:
 
     def batch_sums(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """(sum of -log p(x) estimates, sum of NELBOs) of global batch ``index``, in float64."""
-        g = torch.Generator(self.device).manual_seed(batch_seed(self.seed, index))
+        g = torch.Generator(self.device).manual_seed(derived_seed(EVAL_BATCH, self.seed, index))
         x = prepare_batch(x.to(self.device), self.model.config, g)
         log_w, nelbo = self.model.importance_sample(x, self.config.num_samples, self.max_batch, g)
         return torch.stack([-iw_bound(log_w.double()).sum(), nelbo.double().mean(0).sum()]).cpu()
-
-
-def _from_main(obj, dist_ctx):
-    """Rank 0's ``obj`` on every process (``obj`` itself for one process)."""
-    if dist_ctx is None or not dist_ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=dist_ctx.device if dist_ctx.device.type == "cuda" else None)
-    return box[0]
 
 
 def _read_partial(path: Path, args: dict, resume: bool, n_batches: int, total: int) -> Optional[dict]:

@@ -16,7 +16,6 @@ fixed seed, so two reports of the same checkpoint show the same pictures.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import html
@@ -30,7 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..formats.checkpoint import CheckpointError, atomic_write, safe_load
+from ..formats.checkpoint import CheckpointError, atomic_write
+from ..formats.opened import OpenedCheckpoint, open_checkpoint
 from ..training.run_dir import check_output, load_weights
 
 CONFIG_FILES = ("model_config.json", "train_config.json")
@@ -479,18 +479,18 @@ def kl_section(model, data, why: str, run_dir: Path, options: ReportOptions) -> 
 
 
 # ------------------------------------------------------------------ the page
-def _report_data(ckpt: Path, model, options: ReportOptions):
+def _report_data(source, model, options: ReportOptions):
     """The split the image sections draw on; a ValueError / OSError saying why there is none."""
     from ..training.run_dir import split_of
-    return split_of(ckpt, model.config, options.split, options.dataset, options.data)[1]
+    return split_of(source, model.config, options.split, options.dataset, options.data)[1]
 
 
-def _stored(ckpt: Path) -> dict:
+def _opened(ckpt: Path) -> Optional[OpenedCheckpoint]:
+    """The checkpoint read once, or None where it cannot be read (the sections that need it say so)."""
     try:
-        state = safe_load(ckpt, allowed_globals=[argparse.Namespace])
+        return open_checkpoint(ckpt)
     except CheckpointError:
-        return {}
-    return state if isinstance(state, dict) else {}
+        return None
 
 
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
@@ -519,17 +519,17 @@ def _locate(run: Union[str, Path]) -> Tuple[Path, Path]:
     return run_dir, ckpt
 
 
-def _model_and_inputs(ckpt: Path, options: ReportOptions):
+def _model_and_inputs(source: Union[Path, OpenedCheckpoint], options: ReportOptions):
     """(model or None, "ema"/"raw" weights, data or None, inputs or None, why there are no data)."""
     if not options.draw_images:
         return None, "none (--no-images)", None, None, "images are not drawn from the checkpoint (--no-images)"
-    model, _, weights = load_weights(ckpt, options.device, options.weights)
+    model, _, weights, source = load_weights(source, options.device, options.weights)
     bad = [k for k in options.keep_groups or () if not 0 <= k <= model.num_groups]
     if bad:
         raise ValueError(f"keep groups {bad} are out of range: the model has {model.num_groups} latent groups, "
                          f"so k must be in 0..{model.num_groups}")
     try:
-        data = _report_data(ckpt, model, options)
+        data = _report_data(source, model, options)
     except (ValueError, OSError) as e:
         return model, weights, None, None, f"the {options.split} data could not be loaded ({e}); pass --data DIR"
     return model, weights, data, _inputs(model, data, options), ""
@@ -543,8 +543,10 @@ def build_report(run: Union[str, Path], options: ReportOptions = ReportOptions()
     """
     from tqdm import tqdm
     run_dir, ckpt = _locate(run)
-    stored = _stored(ckpt)
-    model, weights, data, inputs, why = _model_and_inputs(ckpt, options)
+    source = _opened(ckpt)
+    stored = source.state if source is not None else {}
+    # an unreadable checkpoint is read once more only to say why, when images are asked for
+    model, weights, data, inputs, why = _model_and_inputs(source or ckpt, options)
     steps = [
         lambda: run_section(run_dir, ckpt, stored, weights),
         lambda: configs_section(run_dir, stored),

@@ -8,7 +8,6 @@ from typing import List, Optional
 
 from . import data, evaluation, fid, images, latents, report, training
 from .common import Parser
-from .fid import add_fid_parsers, cmd_fid, cmd_fid_stats  # noqa: F401  (public: tests and users call them)
 
 
 def build_parser() -> argparse.ArgumentParser:

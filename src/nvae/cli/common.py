@@ -52,7 +52,8 @@ def add_weights_arg(p: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace, device=None):
-    """``(model, checkpoint path, "ema" or "raw")`` of ``args.checkpoint``, as ``--raw-weights`` asks."""
+    """``(model, checkpoint path, "ema" or "raw", the checkpoint as read)`` of ``args.checkpoint``, as
+    ``--raw-weights`` asks (:class:`~nvae.training.run_dir.LoadedModel`): the file is read once."""
     from ..training.run_dir import load_weights
     return load_weights(args.checkpoint, device or args.device, getattr(args, "weights", "auto"))
 
@@ -67,6 +68,7 @@ def add_eval_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device, default="cpu")
 
 
-def eval_data(args, ckpt, model):
+def eval_data(args, source, model):
+    """``(data set name, split)`` the command evaluates on (the checkpoint's unless --dataset / --data)."""
     from ..training.run_dir import split_of
-    return split_of(ckpt, model.config, args.split, args.dataset, args.data)
+    return split_of(source, model.config, args.split, args.dataset, args.data)

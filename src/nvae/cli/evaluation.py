@@ -23,8 +23,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # torchrun: gloo on CPU, nccl on cuda:LOCAL_RANK
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
-        model, ckpt, weights = load(args, str(ctx.device))
-        dataset, data = eval_data(args, ckpt, model)
+        model, ckpt, weights, source = load(args, str(ctx.device))
+        dataset, data = eval_data(args, source, model)
         output = check_output(args.output or ckpt.with_name(f"eval_{args.split}_K{args.num_samples}.json"), ".json")
         partial = partial_path_for(output) if args.save_every else None
         if args.resume and partial is None:
@@ -54,11 +54,11 @@ def _cmd_kl_stats(args: argparse.Namespace) -> int:
 
     from ..analysis.likelihood import kl_statistics, plot_kl_stats
     from ..training.run_dir import check_output, write_json
-    model, ckpt, weights = load(args)
+    model, ckpt, weights, source = load(args)
     print(f"{weights} weights of {ckpt}")
     stem = Path(args.output or ckpt.with_name(f"kl_stats_{args.split}"))
     check_output(stem.with_suffix(".json"), ".json"), check_output(stem.with_suffix(".png"), ".png")
-    dataset, data = eval_data(args, ckpt, model)
+    dataset, data = eval_data(args, source, model)
     stats = kl_statistics(model, data, batch_size=args.batch_size, max_images=args.max_images,
                           generator=torch.Generator(device=args.device).manual_seed(args.seed))
     write_json(stem.with_suffix(".json"),

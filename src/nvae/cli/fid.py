@@ -37,13 +37,13 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fid_protocol(args: argparse.Namespace, num_groups: int):
+def _fid_protocol(args: argparse.Namespace, num_groups: int, source):
     """The :class:`~nvae.analysis.fid_protocol.FIDProtocol` the arguments ask for (its default from the checkpoint)."""
     from ..analysis.fid_protocol import FIDProtocol, default_protocol
     t = args.temperature
     # A schedule becomes its per-group list (a plain number stays one), so the JSON and file names can hold it.
     t = t.values[0] if t.kind == "constant" else t.resolve(num_groups)
-    return FIDProtocol(name=args.protocol or default_protocol(args.checkpoint), temperature=t,
+    return FIDProtocol(name=args.protocol or default_protocol(source), temperature=t,
                        readjust_bn=args.readjust_bn, readjust_steps=args.readjust_steps,
                        readjust_batch=args.readjust_batch, num_samples=args.num_samples,
                        batch_size=args.batch_size, seed=args.seed, reduction=args.reduction)
@@ -71,8 +71,8 @@ def cmd_fid(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
         inception = InceptionFeatures(args.inception_weights, ctx.device, dims=mu.shape[0])
-        model, ckpt, weights = load(args, str(ctx.device))
-        protocol = _fid_protocol(args, model.num_groups)
+        model, ckpt, weights, source = load(args, str(ctx.device))
+        protocol = _fid_protocol(args, model.num_groups, source)
         output = check_output(args.output or ckpt.with_name(default_output_name(protocol)), ".json")
         if ctx.is_main and protocol.name == "official" and not protocol.readjust_bn and protocol.temperature != 1:
             print(f"nvae: note: under --protocol official the images are drawn at t=1; -t {protocol.temperature} "

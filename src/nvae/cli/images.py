@@ -31,37 +31,40 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     temps = _sample_temperatures(args)
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
-        model, ckpt, kind = load(args, str(ctx.device))
+        model, ckpt, kind, _ = load(args, str(ctx.device))
         if ctx.is_main:
             print(f"{kind} weights of {ckpt}")
         for t in temps:   # a list of the wrong length fails here, before anything is drawn or written
             per_group(t, model.num_groups)
         weights = model_fingerprint(model)   # of the checkpoint, before any BN re-adjustment
+        # BN re-adjustment changes buffers only: each temperature starts again from the checkpoint's
+        stored_buffers = {name: b.clone() for name, b in model.named_buffers()} if args.readjust_bn else None
         for t in temps:
             with waiting_for_peers("sampling", ctx):
-                _sample_one(args, ctx, model, (ckpt, kind), t, weights)
+                _sample_one(args, ctx, model, (ckpt, kind, stored_buffers), t, weights)
     finally:
         ctx.close()
     return 0
 
 
 def _sample_one(args, ctx, model, source, t, weights: str) -> None:
-    """Samples at ``t`` of ``model``, read from ``source`` = (checkpoint, "ema" or "raw"), whose weights'
-    fingerprint is ``weights``."""
+    """Samples at ``t`` of ``model``, read from ``source`` = (checkpoint path, "ema" or "raw", the buffers it
+    held), whose weights' fingerprint is ``weights``."""
     from pathlib import Path
 
     import torch
 
     from ..analysis.bulk_samples import BulkConfig, broadcast_decoder_bn, draw_chunk, sample_to_chunks
     from ..model.network import per_group
-    from ..training.run_dir import load_weights
     from ..analysis.sampling import readjust_bn_cached, save_samples, temperature_name
-    ckpt, kind = source
+    ckpt, kind, stored_buffers = source
     progress = ctx.is_main and not args.no_progress
     readjust = None
     if args.readjust_bn:
         # statistics of the checkpoint (the same weights: the cache is keyed by their fingerprint)
-        model.load_state_dict(load_weights(ckpt, ctx.device, kind).model.state_dict())
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(stored_buffers[name])
         gen = torch.Generator(device=ctx.device).manual_seed(args.seed)
         # EMA and raw statistics cached side by side: checkpoint.bn_* and checkpoint_ema.bn_*
         cache = ckpt if kind == "raw" else ckpt.with_name(f"{ckpt.stem}_ema{ckpt.suffix}")
@@ -98,10 +101,10 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         raise ValueError(f"-t {t} is a per-group schedule: it sets the prior temperature of --keep-groups grids; "
                          "a reconstruction takes one posterior temperature")
     t = 0.0 if t is None else t.values[0]
-    model, ckpt, weights = load(args)
+    model, ckpt, weights, source = load(args)
     print(f"{weights} weights of {ckpt}")
     out = check_output(args.output or ckpt.with_name(f"reconstructions_{args.split}_t{t:g}.png"), ".png")
-    _, data = eval_data(args, ckpt, model)
+    _, data = eval_data(args, source, model)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
     pairs = reconstructions(model, prepare_batch(x, model.config, gen), t, gen)
@@ -132,12 +135,12 @@ def _cmd_partial_posterior(args: argparse.Namespace) -> int:
     from ..analysis.temperature_schedule import TemperatureSchedule
     keep = _parse_keep_groups(args.keep_groups)
     t = TemperatureSchedule.constant(1.0) if args.temperature is None else args.temperature
-    model, ckpt, weights = load(args)
+    model, ckpt, weights, source = load(args)
     print(f"{weights} weights of {ckpt}")
     t.resolve(model.num_groups)   # a list of the wrong length fails here, before anything is written
     name = f"partial_posterior_{args.split}_{temperature_name(t)}.png"
     out = check_output(args.output or ckpt.with_name(name), ".png")
-    _, data = eval_data(args, ckpt, model)
+    _, data = eval_data(args, source, model)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
     grid = partial_posterior_grid(model, prepare_batch(x, model.config, gen), keep, t, gen)
@@ -154,10 +157,10 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     from ..data import prepare_batch
     from ..training.run_dir import check_output
     from ..analysis.sampling import interpolation
-    model, ckpt, weights = load(args)
+    model, ckpt, weights, source = load(args)
     print(f"{weights} weights of {ckpt}")
     out = check_output(args.output or ckpt.with_name(f"interpolation_{args.a}_{args.b}.png"), ".png")
-    _, data = eval_data(args, ckpt, model)
+    _, data = eval_data(args, source, model)
     for i in (args.a, args.b):
         if not 0 <= i < len(data):
             raise ValueError(f"image index {i} is outside the {args.split} split (0..{len(data) - 1})")

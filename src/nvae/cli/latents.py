@@ -24,9 +24,9 @@ def _cmd_encode(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, max_images=args.max_images, seed=args.seed)
     ctx = init_distributed(args.device, timeout=timedelta(minutes=args.dist_timeout))
     try:
-        model, ckpt, weights = load(args, str(ctx.device))
+        model, ckpt, weights, source = load(args, str(ctx.device))
         output = check_output(args.output or ckpt.with_name(f"latents_{args.split}.npz"), ".npz")
-        dataset, data = split_of(ckpt, model.config, args.split, args.dataset, args.data, flip=False)
+        dataset, data = split_of(source, model.config, args.split, args.dataset, args.data, flip=False)
         identity = {"checkpoint": str(ckpt.resolve()), "weights": weights, "dataset": dataset, "split": args.split}
         with waiting_for_peers("the encoding", ctx):
             path = encode_dataset(model, data, output, config, dist_ctx=ctx, progress=args.progress,

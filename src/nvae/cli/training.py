@@ -19,21 +19,45 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 def _train_overrides(args: argparse.Namespace) -> dict:
     """The training options given as flags (those left unset keep the preset's or the stored run's)."""
-    explicit = {k: v for k, v in dict(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                         max_steps=args.max_steps, max_minutes=args.max_minutes, seed=args.seed,
-                                         precision=args.precision, checkpoint_every=args.checkpoint_every,
-                                         dist_timeout_minutes=args.dist_timeout, eval_every=args.eval_every,
-                                         eval_samples=args.eval_samples,
-                                         final_eval_samples=args.final_eval_samples).items()
-                if v is not None}
-    for flag in ("channels_last", "recompute_bn", "deterministic", "strict_data", "allow_data_change"):
-        if getattr(args, flag):
-            explicit[flag] = True
-    if args.checkpointing:
-        explicit["checkpointing"] = True
-        if args.checkpointing != "all":
-            explicit["checkpointing_roles"] = args.checkpointing   # TrainConfig splits the commas
+    from ..config import TrainConfig
+    explicit = {}
+    for f, flag in TrainConfig.flags():
+        value = getattr(args, f.name)
+        if value is None or value is False:   # not given (a switch's default is False)
+            continue
+        explicit.update(flag.to_config(value) if flag.to_config else {f.name: value})
     return explicit
+
+
+#: The value checks a :class:`~nvae.config.Flag` names.
+_PARSERS = {"count": count, "positive": positive, "non_negative": non_negative}
+_TYPES = {"int": int, "float": float, "str": None}   # argparse keeps a string as given
+
+
+def _add_config_flags(p: argparse.ArgumentParser, taken) -> None:
+    """One flag per TrainConfig field that declares one (its metadata's :class:`~nvae.config.Flag`), under
+    a heading per group; each is left unset (None, or False for a switch) unless given. ``taken``: the
+    destinations of the hand-written flags, which a field must not share."""
+    from ..config import TRAIN_GROUPS, TrainConfig
+    sections = {}
+    for f, flag in sorted(TrainConfig.flags(), key=lambda ff: list(TRAIN_GROUPS).index(ff[0].metadata["group"])):
+        if f.name in taken:
+            raise AssertionError(f"nvae train has a flag --{f.name.replace('_', '-')} already; rename one")
+        group = f.metadata["group"]
+        if group not in sections:
+            sections[group] = p.add_argument_group(f"{group.replace('_', ' ')} options", TRAIN_GROUPS[group])
+        kind = str(f.type).replace("Optional[", "").rstrip("]")
+        kw = dict(dest=f.name, help=flag.help)
+        if kind == "bool" and flag.optional_value is None:
+            kw.update(action="store_true")
+        else:
+            if kind not in _TYPES and flag.to_config is None:
+                raise AssertionError(f"the flag of {f.name} needs a to_config converter for a {kind} field")
+            kw.update(default=None, metavar=flag.metavar, choices=flag.choices,
+                      type=_PARSERS[flag.parse] if flag.parse else _TYPES.get(kind))
+            if flag.optional_value is not None:
+                kw.update(nargs="?", const=flag.optional_value)
+        sections[group].add_argument(flag.option(f.name), **kw)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -88,41 +112,13 @@ def add_parsers(sub) -> None:
                    help="architecture and recipe preset (see `nvae presets`; default digits, or the resumed run's)")
     p.add_argument("--data", default=None, help="folder holding the data set's files (not needed for digits)")
     p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/PRESET-TIMESTAMP)")
-    p.add_argument("--max-steps", type=count, default=None, help="stop after N steps")
-    p.add_argument("--max-minutes", type=positive, default=None, help="stop after M minutes of training")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
                    help="continue the run in RUN (or --run-dir) from its last checkpoint, exactly")
-    p.add_argument("--checkpoint-every", type=count, default=None, help="write checkpoint.pt every N steps")
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--strict-data", action="store_true",
-                   help="stop on an unreadable image or a wrong channel count (default: skip or convert, and warn)")
-    p.add_argument("--epochs", type=count, default=None)
-    p.add_argument("--batch-size", type=count, default=None)
-    p.add_argument("--learning-rate", type=positive, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on CPU)")
-    p.add_argument("--checkpointing", nargs="?", const="all", default=None, metavar="ROLES",
-                   help="recompute cells in backward to save memory: every cell, or only the comma-separated "
-                        "cell roles given (e.g. normal_post,up_post)")
-    p.add_argument("--recompute-bn", action="store_true",
-                   help="store only BN inputs and recompute BN + Swish in backward (less memory, a little slower)")
     p.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--allow-data-change", action="store_true",
-                   help="with --resume: continue on other data than the run trained on (its schedules change)")
-    p.add_argument("--dist-timeout", type=positive, default=None, metavar="MINUTES",
-                   help="under torchrun: how long a process waits for the others (default 5)")
-    p.add_argument("--eval-every", type=non_negative, default=None, metavar="N",
-                   help="validate every N epochs (0: never; default: the official schedule, every epoch up to "
-                        "50 epochs, else every 20)")
-    p.add_argument("--eval-samples", type=count, default=None, metavar="K",
-                   help="K of each validation's importance-weighted NLL (default 10)")
-    p.add_argument("--final-eval-samples", type=non_negative, default=None, metavar="K",
-                   help="K of the evaluation after the last epoch, into validation_final.json (default 1000, "
-                        "digits 50; 0: none)")
     p.add_argument("--no-tune-allocator", dest="tune_allocator", action="store_false",
                    help="leave glibc malloc settings alone")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="override an NVAEConfig field")
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="override a TrainConfig field")
+    _add_config_flags(p, {a.dest for a in p._actions})
     p.set_defaults(func=_cmd_train)

@@ -139,7 +139,12 @@ def save_model(model, path: Union[str, Path], **extra: Any) -> None:
 
 def read_checkpoint(path: Union[str, Path], map_location="cpu") -> Dict[str, Any]:
     """Read and check one of our checkpoints; returns its dict."""
-    state = safe_load(path, map_location)
+    return check_ours(safe_load(path, map_location), path)
+
+
+def check_ours(state: Any, path: Union[str, Path]) -> Dict[str, Any]:
+    """``state``, read from ``path``, if it is one of our checkpoints in a format this nvae reads; else a
+    :class:`CheckpointError` saying what it is instead."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         hint = (" It looks like an official NVAE checkpoint: use NVAE.from_official."
                 if isinstance(state, dict) and "args" in state else "")

@@ -9,6 +9,7 @@ it, never by its position. Loading checks the map both ways (:mod:`nvae.formats.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Dict, Iterator, List, NamedTuple, Optional
 
 import torch.nn as nn
@@ -29,34 +30,30 @@ class Place(NamedTuple):
     module: Optional[nn.Module]
 
 
+#: Per section of :meth:`~nvae.model.network.NVAE.official_order`: the official and the format-1 prefix of its
+#: ``i``-th module.
+_SECTION_NAMES = {
+    "h0": lambda i: ("prior_ftr0", "h0"),
+    "stem": lambda i: ("stem", "stem"),
+    "preprocess": lambda i: (f"pre_process.{i}", f"preprocess.{i}"),
+    "encoder_tower": lambda i: (f"enc_tower.{i}", f"encoder_tower.{i}"),
+    "encoder0": lambda i: ("enc0.1", "encoder0.conv"),
+    "posterior_heads": lambda i: (f"enc_sampler.{i}", f"posterior_heads.{i}"),
+    "prior_heads": lambda i: (f"dec_sampler.{i}.1", f"prior_heads.{i}.conv"),
+    "flows": lambda i: (f"nf_cells.{i}", f"flows.{i}"),
+    "decoder_tower": lambda i: (f"dec_tower.{i}", f"decoder_tower.{i}"),
+    "postprocess": lambda i: (f"post_process.{i}", f"postprocess.{i}"),
+    "output_head": lambda i: ("image_conditional.1", "output_head.conv"),
+}
+
+
 def layout(model) -> List[Place]:
     """The model's modules in the official registration order, each with its three prefixes."""
-    places = [Place("prior_ftr0", "h0", "h0", None), Place("stem", "stem", "stem", model.stem)]
-    places += [Place(f"pre_process.{i}", f"preprocess.{i}", f"preprocess.{i}", cell)
-               for i, cell in enumerate(model.preprocess)]
-    groups, tower = model.groups, []
-    # The official towers interleave cells and combiners; our combiners belong to their groups.
-    for k, stage in enumerate(model.encoder_stages):
-        tower += [(f"encoder_stages.{k}.{j}", cell) for j, cell in enumerate(stage)]
-        if k < len(groups) - 1:
-            g = len(groups) - 1 - k
-            tower.append((f"groups.{g}.enc_combiner", groups[g].enc_combiner))
-    places += [Place(f"enc_tower.{i}", f"encoder_tower.{i}", ours, m) for i, (ours, m) in enumerate(tower)]
-    places.append(Place("enc0.1", "encoder0.conv", "encoder0.conv", model.encoder0.conv))
-    places += [Place(f"enc_sampler.{g}", f"posterior_heads.{g}", f"groups.{g}.posterior_head", group.posterior_head)
-               for g, group in enumerate(groups)]
-    places += [Place(f"dec_sampler.{g - 1}.1", f"prior_heads.{g - 1}.conv", f"groups.{g}.prior_head.conv",
-                     groups[g].prior_head.conv) for g in range(1, len(groups))]
-    flows = [(f"groups.{g}.flows.{j}", f) for g, group in enumerate(groups) for j, f in enumerate(group.flows)]
-    places += [Place(f"nf_cells.{i}", f"flows.{i}", ours, m) for i, (ours, m) in enumerate(flows)]
-    tower = []
-    for g, (stage, group) in enumerate(zip(model.decoder_stages, groups)):
-        tower += [(f"decoder_stages.{g}.{j}", cell) for j, cell in enumerate(stage)]
-        tower.append((f"groups.{g}.dec_combiner", group.dec_combiner))
-    places += [Place(f"dec_tower.{i}", f"decoder_tower.{i}", ours, m) for i, (ours, m) in enumerate(tower)]
-    places += [Place(f"post_process.{i}", f"postprocess.{i}", f"postprocess.{i}", cell)
-               for i, cell in enumerate(model.postprocess)]
-    places.append(Place("image_conditional.1", "output_head.conv", "output_head.conv", model.output_head.conv))
+    places, counts = [], Counter()
+    for section, ours, module in model.official_order():
+        official, format1 = _SECTION_NAMES[section](counts[section])
+        counts[section] += 1
+        places.append(Place(official, format1, ours, module))
     return places
 
 

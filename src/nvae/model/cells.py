@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ARCH_INSTANCES, CELL_ROLES, cell_roles  # noqa: F401  (re-exported)
 from .layers import FactorizedReduce, SqueezeExcitation, UpsampleSkip, WNConv2d, batch_norm
 
 # The stride of each cell role: 1 keeps the resolution, 2 halves it (channels x2),

@@ -18,17 +18,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..speedups import memory
 from .cells import Cell, DecCombiner, EncCombiner
-from ..formats.checkpoint import load_model, save_model
 from ..config import ARCH_INSTANCES, NVAEConfig
 from .distributions import output_distribution, sum_log_prob
 from .flows import PairedFlowCell
-from ..speedups.folded_eval import fused_inference
-from ..formats.keymap import modules_in_official_order
 from .latent_group import FromPosterior, FromPrior, Given, LatentGroup, PartialPosterior, PriorHead
 from .layers import WNConv2d
-from ..formats.official import load_official
 from .regularizers import SpectralRegularizer, batchnorm_loss
 
 Temperature = Union[float, Sequence[float]]
@@ -104,6 +99,12 @@ def iw_bound(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     tends to it as K grows.
     """
     return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
+
+
+def default_max_batch(device: Union[str, torch.device]) -> int:
+    """Images per forward pass of an importance-weighted evaluation, K folded in, when none is asked for:
+    64 on a CPU (larger passes are memory-bound there and get slower), 1024 on a GPU."""
+    return 1024 if torch.device(device).type == "cuda" else 64
 
 
 @contextlib.contextmanager
@@ -229,11 +230,34 @@ class NVAE(nn.Module):
         self.postprocess = _postprocess(c)
         self.output_head = OutputHead(c.num_channels_dec, c.num_output_channels)
         # In the official module order, so a seed draws the power-iteration vectors it always drew.
-        convs = [m for module in modules_in_official_order(self) for m in module.modules() if isinstance(m, nn.Conv2d)]
-        self.spectral = SpectralRegularizer(convs, weight_of=memory.forward_weight)
-        memory.reuse_forward_weights(self)
-        memory.small_map_depthwise(self)
-        self.fold_inference = True
+        convs = [m for _, _, module in self.official_order() if module is not None
+                 for m in module.modules() if isinstance(m, nn.Conv2d)]
+        self.spectral = SpectralRegularizer(convs)
+
+    def official_order(self) -> List[Tuple[str, str, Optional[nn.Module]]]:
+        """``(section, our prefix, module)`` of every module, in the order the official code registers them
+        (``h0`` has no module). The official towers interleave cells and combiners, where ours keep each
+        combiner in its latent group; the spectral regulariser and the checkpoint key maps follow this order."""
+        order: List[Tuple[str, str, Optional[nn.Module]]] = [("h0", "h0", None), ("stem", "stem", self.stem)]
+        order += [("preprocess", f"preprocess.{i}", cell) for i, cell in enumerate(self.preprocess)]
+        groups = self.groups
+        for k, stage in enumerate(self.encoder_stages):
+            order += [("encoder_tower", f"encoder_stages.{k}.{j}", cell) for j, cell in enumerate(stage)]
+            if k < len(groups) - 1:
+                g = len(groups) - 1 - k
+                order.append(("encoder_tower", f"groups.{g}.enc_combiner", groups[g].enc_combiner))
+        order.append(("encoder0", "encoder0.conv", self.encoder0.conv))
+        order += [("posterior_heads", f"groups.{g}.posterior_head", group.posterior_head)
+                  for g, group in enumerate(groups)]
+        order += [("prior_heads", f"groups.{g}.prior_head.conv", groups[g].prior_head.conv)
+                  for g in range(1, len(groups))]
+        order += [("flows", f"groups.{g}.flows.{j}", f) for g, group in enumerate(groups) for j, f in enumerate(group.flows)]
+        for g, (stage, group) in enumerate(zip(self.decoder_stages, groups)):
+            order += [("decoder_tower", f"decoder_stages.{g}.{j}", cell) for j, cell in enumerate(stage)]
+            order.append(("decoder_tower", f"groups.{g}.dec_combiner", group.dec_combiner))
+        order += [("postprocess", f"postprocess.{i}", cell) for i, cell in enumerate(self.postprocess)]
+        order.append(("output_head", "output_head.conv", self.output_head.conv))
+        return order
 
     # ------------------------------------------------------------- properties
     @property
@@ -266,36 +290,28 @@ class NVAE(nn.Module):
         In eval mode it does not depend on the posterior samples, so importance
         sampling computes it once per image and reuses it for all K samples.
         """
-        with self._inference():
-            s = self.stem(2 * x - 1.0)
-            for cell in self.preprocess:
-                s = cell(s)
-            features = []
-            for stage in self.encoder_stages:
-                s = stage(s)
-                features.append(s)
-            features[-1] = self.encoder0(features[-1])
+        s = self.stem(2 * x - 1.0)
+        for cell in self.preprocess:
+            s = cell(s)
+        features = []
+        for stage in self.encoder_stages:
+            s = stage(s)
+            features.append(s)
+        features[-1] = self.encoder0(features[-1])
         return BottomUp(tuple(features[::-1]))
 
     def top_down(self, n: int, rule, bottom_up: Optional[BottomUp] = None) -> torch.Tensor:
         """Walk the decoder from ``h0`` for ``n`` images; group ``l`` takes
         ``z = rule(l, group, prior, posterior)`` (the posterior is None without ``bottom_up``).
         Returns the parameters of p(x|z)."""
-        with self._inference():
-            s = self.h0.unsqueeze(0).expand(n, -1, -1, -1)
-            for index, (cells, group) in enumerate(zip(self.decoder_stages, self.groups)):
-                s = cells(s)
-                prior, posterior = group.distributions(s, None if bottom_up is None else bottom_up.features[index])
-                s = group(s, rule(index, group, prior, posterior))
-            for cell in self.postprocess:
-                s = cell(s)
-            return self.output_head(s)
-
-    def _inference(self):
-        # Evaluation without autograd: the separable cells run with BN folded into their
-        # convolutions (nvae.speedups.folded_eval); the same values up to rounding, in fewer passes.
-        return fused_inference(self, self.fold_inference and not self.training and not torch.is_grad_enabled()
-                               and not torch.compiler.is_compiling())
+        s = self.h0.unsqueeze(0).expand(n, -1, -1, -1)
+        for index, (cells, group) in enumerate(zip(self.decoder_stages, self.groups)):
+            s = cells(s)
+            prior, posterior = group.distributions(s, None if bottom_up is None else bottom_up.features[index])
+            s = group(s, rule(index, group, prior, posterior))
+        for cell in self.postprocess:
+            s = cell(s)
+        return self.output_head(s)
 
     def forward(self, x: torch.Tensor, temperature: float = 1.0,
                 generator: Optional[torch.Generator] = None, bottom_up: Optional[BottomUp] = None) -> NVAEOutput:
@@ -374,7 +390,7 @@ class NVAE(nn.Module):
         and 1024 on GPU.
         """
         if max_batch is None:
-            max_batch = 1024 if x.device.type == "cuda" else 64
+            max_batch = default_max_batch(x.device)
         b = x.shape[0]
         per_chunk = max(1, max_batch // b)
         log_w, nelbo = [], []
@@ -401,36 +417,6 @@ class NVAE(nn.Module):
         """
         return iw_bound(self.log_importance_weights(x, num_samples, max_batch, generator))
 
-    # ---------------------------------------------------- memory options
-    def set_checkpointing(self, enabled: bool = True, roles: Optional[Sequence[str]] = None) -> "NVAE":
-        """Recompute cells in the backward pass instead of storing their activations (:mod:`nvae.speedups.memory`).
-
-        Same loss, gradients and BN statistics; less memory, more compute.
-        ``roles`` restricts it to some cell roles (e.g. ``["normal_dec", "up_dec",
-        "normal_post", "up_post"]``: the generative model's wide separable cells).
-        """
-        memory.set_checkpointing(self, enabled, roles)
-        return self
-
-    def set_recompute_bn(self, enabled: bool = True) -> "NVAE":
-        """Keep only BN inputs for the backward pass and recompute the BN and Swish outputs there.
-
-        Same values, gradients and BN statistics (:mod:`nvae.speedups.memory`, :mod:`nvae.speedups.recompute_bn`);
-        in the separable cells two thirds of the wide activations are not stored.
-        Composes with :meth:`set_checkpointing`.
-        """
-        memory.set_recompute_bn(self, enabled)
-        return self
-
-    def set_fused_inference(self, enabled: bool = True) -> "NVAE":
-        """In evaluation without autograd, run the separable cells with BN folded into their
-        convolutions and Swish as oneDNN's post-op (:mod:`nvae.speedups.folded_eval`; on by default).
-
-        The same values up to rounding; off computes op by op, as in training.
-        """
-        self.fold_inference = bool(enabled)
-        return self
-
     # ---------------------------------------------------------- regularisers
     def spectral_loss(self) -> torch.Tensor:
         """Spectral regularisation L_SR: the sum of the convolutions' largest singular values."""
@@ -442,16 +428,22 @@ class NVAE(nn.Module):
         return batchnorm_loss([m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
 
     # ------------------------------------------------------------ checkpoints
+    # Thin doors to nvae.formats, imported when called: the network itself reads and writes no file.
     def save(self, path: Union[str, Path], **extra) -> None:
         """Write config, weights and buffers to ``path`` atomically (see :mod:`nvae.formats.checkpoint`)."""
+        from ..formats.checkpoint import save_model
         save_model(self, path, **extra)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> "NVAE":
-        """Rebuild a model saved by :meth:`save` (never unpickles anything but tensors and plain data)."""
+        """Rebuild a model saved by :meth:`save` (never unpickles anything but tensors and plain data): the
+        plain network, as :class:`NVAE` builds it (``nvae.speedups.apply`` makes it faster)."""
+        from ..formats.checkpoint import load_model
         return load_model(cls, path, map_location)
 
     @classmethod
     def from_official(cls, path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> "NVAE":
-        """Load a checkpoint written by the official NVlabs/NVAE ``train.py``; returns it in eval mode."""
+        """Load a checkpoint written by the official NVlabs/NVAE ``train.py``; returns the plain network in eval
+        mode."""
+        from ..formats.official import load_official
         return load_official(cls, path, map_location)

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 #: Feature maps of at most this many pixels take the offset sums (oneDNN's GEMM fallback below it).
 SMALL_MAP = 16
@@ -44,10 +45,6 @@ def takes_offset_sums(x: torch.Tensor, weight: torch.Tensor, stride, padding, di
             and groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
             and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1) and not isinstance(padding, str)
             and x.dtype == weight.dtype == torch.float32 and not torch.compiler.is_compiling())
-
-
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 class _DepthwiseSmallMap(torch.autograd.Function):

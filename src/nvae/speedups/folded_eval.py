@@ -14,15 +14,14 @@ summed in another order). The folded weights are cached per cell and rebuilt
 when any of its parameters or BN buffers changes (their version counters),
 so validation during training and EMA swaps see the current weights.
 
-:func:`fused_inference` turns it on for a block of code; it applies only where
-it can: modules in evaluation mode, no autograd, float32 CPU tensors, not inside
-``torch.compile``. Swish falls back to a separate pass where this PyTorch build
-lacks oneDNN's fused convolution.
+:func:`nvae.speedups.apply` switches it on (``folded_eval``, on by default); a cell
+then runs folded only where it can (:func:`folds`): evaluation mode, no autograd,
+float32 CPU tensors, not inside ``torch.compile``. Swish falls back to a separate
+pass where this PyTorch build lacks oneDNN's fused convolution.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -70,53 +69,37 @@ def _versions(module: nn.Module) -> tuple:
     return tuple((t._version, t.data_ptr()) for t in (*module.parameters(), *module.buffers()))
 
 
-class FoldedInvertedResidual(InvertedResidual):
-    """:class:`~nvae.model.cells.InvertedResidual` in evaluation as three convolutions with BN folded in."""
-
-    def _folded(self, memory_format: torch.memory_format):
-        key = (_versions(self), memory_format)
-        cached = getattr(self, "_folded_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        w1, b1 = _fold_input_1x1(self.expand.weight, self.bn_in)
-        w1, b1 = _fold_output(w1, b1, self.bn_expand)
-        w2, b2 = _fold_output(self.depthwise.weight, None, self.bn_depthwise)
-        w3, b3 = _fold_output(self.project.weight, None, self.bn_out)
-        weights = tuple(t.contiguous(memory_format=memory_format) if t.dim() == 4 else t.contiguous()
-                        for t in (w1, b1, w2, b2, w3, b3))
-        self._folded_cache = (key, weights)
-        return weights
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(self, x):
-            return InvertedResidual.forward(self, x)
-        if self.upsample:   # nearest up-sampling commutes with the per-channel BN that follows it
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4 \
-            and not x.is_contiguous() else torch.contiguous_format
-        w1, b1, w2, b2, w3, b3 = self._folded(fmt)
-        x = conv_swish(x, w1, b1, self.expand)
-        x = conv_swish(x, w2, b2, self.depthwise)
-        return F.conv2d(x, w3, b3, self.project.stride, self.project.padding, self.project.dilation,
-                        self.project.groups)
+def _folded(cell: InvertedResidual, memory_format: torch.memory_format):
+    """The cell's three folded convolutions (weights and biases), cached on the cell until a parameter or
+    BN buffer changes."""
+    key = (_versions(cell), memory_format)
+    cached = getattr(cell, "_folded_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    w1, b1 = _fold_input_1x1(cell.expand.weight, cell.bn_in)
+    w1, b1 = _fold_output(w1, b1, cell.bn_expand)
+    w2, b2 = _fold_output(cell.depthwise.weight, None, cell.bn_depthwise)
+    w3, b3 = _fold_output(cell.project.weight, None, cell.bn_out)
+    weights = tuple(t.contiguous(memory_format=memory_format) if t.dim() == 4 else t.contiguous()
+                    for t in (w1, b1, w2, b2, w3, b3))
+    cell._folded_cache = (key, weights)
+    return weights
 
 
-def _applies(module: nn.Module, x: torch.Tensor) -> bool:
+def folded_forward(cell: InvertedResidual, x: torch.Tensor) -> torch.Tensor:
+    """``cell(x)`` in evaluation as three convolutions with BN folded in (only where :func:`folds` says so)."""
+    if cell.upsample:   # nearest up-sampling commutes with the per-channel BN that follows it
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4 \
+        and not x.is_contiguous() else torch.contiguous_format
+    w1, b1, w2, b2, w3, b3 = _folded(cell, fmt)
+    x = conv_swish(x, w1, b1, cell.expand)
+    x = conv_swish(x, w2, b2, cell.depthwise)
+    return F.conv2d(x, w3, b3, cell.project.stride, cell.project.padding, cell.project.dilation,
+                    cell.project.groups)
+
+
+def folds(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` may run folded on ``x``: evaluation mode, no autograd, float32 on the CPU, not traced."""
     return (not module.training and not torch.is_grad_enabled() and x.device.type == "cpu"
             and x.dtype == torch.float32 and not torch.compiler.is_compiling())
-
-
-@contextlib.contextmanager
-def fused_inference(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Within the block, ``model``'s separable cells run folded (see the module docstring) where that applies."""
-    moved: List[Tuple[nn.Module, type]] = []
-    if enabled:
-        for m in model.modules():
-            if isinstance(m, InvertedResidual) and type(m) is not FoldedInvertedResidual:
-                moved.append((m, type(m)))
-                m.__class__ = FoldedInvertedResidual
-    try:
-        yield
-    finally:
-        for m, cls in moved:
-            m.__class__ = cls

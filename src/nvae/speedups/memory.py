@@ -9,12 +9,12 @@ its parameters, buffers and state-dict keys, and moves back when the option is o
   of storing their activations (``torch.utils.checkpoint``); during the recomputation
   BN normalises with the batch statistics but does not fold the batch into its
   running averages a second time.
-- :func:`set_recompute_bn`: every BN -> [Swish] -> conv chain keeps only the BN input
-  for the backward pass (:mod:`nvae.speedups.recompute_bn`).
-- :func:`reuse_forward_weights` (always on in :class:`~nvae.model.network.NVAE`): spectral
+- :func:`set_recompute_bn` and :func:`lean_forward`: every BN -> [Swish] -> conv chain keeps
+  only the BN input for the backward pass (:mod:`nvae.speedups.recompute_bn`).
+- :func:`reuse_forward_weights` (on by default in :func:`nvae.speedups.apply`): spectral
   regularisation takes each weight-normalised weight from the forward pass instead of
   normalising twice, as the official code does.
-- :func:`small_map_depthwise` (always on in :class:`~nvae.model.network.NVAE`): depthwise
+- :func:`small_map_depthwise` (on by default in :func:`nvae.speedups.apply`): depthwise
   convolutions on small feature maps sum their weight gradient by kernel offset
   (:mod:`nvae.speedups.depthwise`) instead of oneDNN's slow general kernel.
 """
@@ -100,27 +100,22 @@ class LeanResConv(ResConv):
         return bn_act_conv(x, self.bn, self.conv, w, self.conv.bias, swish=True)
 
 
-class LeanInvertedResidual(InvertedResidual):
-    """:class:`~nvae.model.cells.InvertedResidual` keeping only the BN inputs of its three chains for backward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.upsample:
-            x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
-        x = bn_act_conv(x, self.bn_in, self.expand, self.expand.weight, None, swish=False)
-        x = bn_act_conv(x, self.bn_expand, self.depthwise, self.depthwise.weight, None, swish=True)
-        x = bn_act_conv(x, self.bn_depthwise, self.project, self.project.weight, None, swish=True)
-        return self.bn_out(x)
-
-
-_LEAN = {ResConv: LeanResConv, InvertedResidual: LeanInvertedResidual}
+def lean_forward(cell: InvertedResidual, x: torch.Tensor) -> torch.Tensor:
+    """``cell(x)`` for a separable cell, keeping only the BN inputs of its three chains for backward."""
+    if cell.upsample:
+        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    x = bn_act_conv(x, cell.bn_in, cell.expand, cell.expand.weight, None, swish=False)
+    x = bn_act_conv(x, cell.bn_expand, cell.depthwise, cell.depthwise.weight, None, swish=True)
+    x = bn_act_conv(x, cell.bn_depthwise, cell.project, cell.project.weight, None, swish=True)
+    return cell.bn_out(x)
 
 
 def set_recompute_bn(model: nn.Module, enabled: bool = True) -> None:
-    """Keep only BN inputs for the backward pass of every BN -> [Swish] -> conv chain of ``model``."""
+    """Keep only BN inputs for the backward pass of every regular cell's BN -> Swish -> conv chain of ``model``
+    (the separable cells take :func:`lean_forward` through :mod:`nvae.speedups.switches`)."""
     for m in model.modules():
-        for plain, lean in _LEAN.items():
-            if isinstance(m, plain):
-                _move(m, lean if enabled else plain)
+        if isinstance(m, ResConv):
+            _move(m, LeanResConv if enabled else ResConv)
 
 
 # ------------------------------------------------------------- forward weights
@@ -165,10 +160,14 @@ class _ForwardWeight:
 _WITH_FORWARD_WEIGHT: Dict[type, type] = {}
 
 
-def reuse_forward_weights(model: nn.Module) -> None:
-    """Let every weight-normalised conv of ``model`` keep its forward weight for :func:`forward_weight`."""
+def reuse_forward_weights(model: nn.Module, enabled: bool = True) -> None:
+    """Let every weight-normalised conv of ``model`` keep its forward weight for :func:`forward_weight`
+    (or, with ``enabled=False``, move each back to its own class)."""
     for m in model.modules():
-        if isinstance(m, WNConv2d) and not isinstance(m, _ForwardWeight):
+        if isinstance(m, _ForwardWeight) and not enabled:
+            _move(m, type(m).__mro__[2])   # (the made class, _ForwardWeight, the layer's class, ...)
+            m._forward_weight = None
+        elif isinstance(m, WNConv2d) and not isinstance(m, _ForwardWeight) and enabled:
             cls = type(m)
             if cls not in _WITH_FORWARD_WEIGHT:
                 _WITH_FORWARD_WEIGHT[cls] = type(cls.__name__, (_ForwardWeight, cls),
@@ -184,8 +183,9 @@ def forward_weight(conv: nn.Conv2d) -> torch.Tensor:
 
 
 # --------------------------------------------------------- depthwise gradients
-def small_map_depthwise(model: nn.Module) -> None:
-    """Let every depthwise conv of ``model`` take :mod:`nvae.speedups.depthwise`'s weight gradient on small maps."""
+def small_map_depthwise(model: nn.Module, enabled: bool = True) -> None:
+    """Let every depthwise conv of ``model`` take :mod:`nvae.speedups.depthwise`'s weight gradient on small maps
+    (or, with ``enabled=False``, the plain ``nn.Conv2d`` one)."""
     for m in model.modules():
-        if type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
-            _move(m, DepthwiseConv2d)
+        if type(m) in (nn.Conv2d, DepthwiseConv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
+            _move(m, DepthwiseConv2d if enabled else nn.Conv2d)

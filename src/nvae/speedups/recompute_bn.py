@@ -7,7 +7,7 @@ first and the batch statistics, so :class:`_BNActConv` stores the first only and
 recomputes the other two in the backward pass. In the separable cells this is
 four of the six expanded (6C) tensors, the bulk of the model's memory. The
 recomputation costs time (5-7% of a ``mnist_small`` or ``mnist`` step on two CPU
-threads, ``benchmarks/step_ratios.py``), so it is a switch, ``NVAE.set_recompute_bn``
+threads, ``benchmarks/step_ratios.py``), so it is a switch, ``nvae.speedups.apply(model, recompute_bn=True)``
 (:mod:`nvae.speedups.memory`), like gradient checkpointing. The backward pass keeps at most three expanded
 tensors alive at once, and for stride-1 convolutions it forms the input gradient
 as a forward convolution with the transposed kernel (see :func:`_transposed_conv`);
@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from .depthwise import depthwise_weight_grad, takes_offset_sums
 
@@ -98,10 +99,6 @@ class _BNActConv(torch.autograd.Function):
                 grad_w, grad_b, None, None, None, None)
 
 
-def _pair(v):
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
-
-
 def _transposed_conv(weight, stride, padding, dilation, groups):
     """``(weight, bias, stride, padding, dilation, groups)`` of the convolution that maps the
     output gradient of a stride-1 convolution to its input gradient, or None for other strides.
@@ -114,7 +111,7 @@ def _transposed_conv(weight, stride, padding, dilation, groups):
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     k = list(weight.shape[-2:])
     pad = [d * (kk - 1) - p for d, kk, p in zip(dilation, k, padding)]
-    if stride != [1, 1] or min(pad) < 0:
+    if stride != (1, 1) or min(pad) < 0:
         return None
     c_out, c_in_group = weight.shape[:2]
     w = weight.reshape(groups, c_out // groups, c_in_group, *k).transpose(1, 2)

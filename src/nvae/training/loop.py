@@ -26,17 +26,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from ..formats.checkpoint import read_checkpoint
-from ..config import TRAIN_PRESETS, NVAEConfig, TrainConfig  # noqa: F401  (re-exported)
+from ..config import NVAEConfig, TrainConfig
 from ..data import build_dataset, check_images_fit, prepare_batch
 from ..distributed import DistributedContext, init_distributed, waiting_for_peers
 from ..model.network import NVAE
+from ..seeds import sequence_seed
 from .objective import Loss, kl_balance_alpha
 from .resume import ResumableSampler, StopSignal
-from .run_dir import (RunDirError, RunLock, RunLog, check_same_data, checkpoint_to_resume, data_identity,  # noqa: F401
-                   stored_run_configs, write_configs)
+from .run_dir import RunDirectory, RunLog, data_identity
 from .skip_guard import TrainingDiverged
-from .state import TrainState, rank_seed
-from .step import Coefficients, learning_rate, schedule, train_step  # noqa: F401  (re-exported)
+from .state import TrainState
+from .step import Coefficients, schedule, train_step
 from .validation import Validation
 
 
@@ -78,31 +78,29 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
     on ``cuda:LOCAL_RANK``, and only rank 0 writes ``run_dir`` (which every
     process must be able to read, for resuming and roll-backs).
     """
-    run_dir = Path(run_dir)
+    run = RunDirectory(run_dir)
     dist_ctx = init_distributed(device, timeout=timedelta(minutes=train_config.dist_timeout_minutes))
+    run.is_main = dist_ctx.is_main     # rank 0 owns the folder: the others only read what they resume from
     previous = torch.are_deterministic_algorithms_enabled()
-    log, lock = None, RunLock(run_dir)
+    log = None
     try:
         if train_config.deterministic:
             torch.use_deterministic_algorithms(True)
         with StopSignal() as stop:
             # Problems with the run directory and the data are reported before anything is written.
-            # Rank 0 owns the directory: the others only read what they resume from.
-            main = dist_ctx.is_main
-            seen = _file_version(run_dir / "checkpoint.pt")
-            stored = checkpoint_to_resume(run_dir, model_config, train_config, resume) if main or resume else None
+            stored = run.to_resume(model_config, train_config, resume) if run.is_main or resume else None
             data, test_data = training_data(model_config, train_config, data_root, dist_ctx)
             identity = data_identity(train_config.dataset, data_root, len(data))
-            check_same_data(stored, identity, train_config.allow_data_change, run_dir)
-            if main:
-                stored = _claim(lock, (model_config, train_config), resume, seen, stored)
+            run.check_data(stored, identity, train_config.allow_data_change)
+            if run.is_main:
+                stored = run.claim(model_config, train_config, resume, stored)
             state, batches = _start(model_config, train_config, data, test_data, dist_ctx, stored, identity)
-            log = RunLog(run_dir, main, purge_step=state.step + 1 if stored is not None else None)
-            _describe(log, state, train_config, batches, stored, run_dir, resume)
-            validation = Validation(train_config, test_data, log, run_dir, batches.sampler.batches_per_epoch,
+            log = run.open_log(purge_step=state.step + 1 if stored is not None else None)
+            _describe(log, state, train_config, batches, stored, run.path, resume)
+            validation = Validation(train_config, test_data, log, run.path, batches.sampler.batches_per_epoch,
                                     progress)
             validation.start(state)
-            _loop(state, train_config, batches._replace(validation=validation), log, run_dir, progress, stop)
+            _loop(state, train_config, batches._replace(validation=validation), log, run.path, progress, stop)
         # Outside the signal handler: a signal stops the (resumable) final evaluation at once.
         validation.final(state, train_config.dataset)
         if getattr(data, "skipped", 0):
@@ -112,34 +110,9 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
     finally:
         if log is not None:
             log.close()
-        lock.release()
+        run.release()
         torch.use_deterministic_algorithms(previous)
         dist_ctx.close()
-
-
-def _claim(lock: RunLock, configs: tuple, resume: bool, seen: Optional[tuple], stored: Optional[dict]):
-    """Rank 0: take the run directory's lock, read the checkpoint to resume from again if it changed
-    since ``seen`` (or when starting afresh: no other process can write the directory now), write
-    both ``configs`` and return what to resume from."""
-    run_dir = lock.run_dir
-    lock.acquire()
-    try:
-        if not resume or _file_version(run_dir / "checkpoint.pt") != seen:
-            stored = checkpoint_to_resume(run_dir, *configs, resume)
-    except RunDirError:
-        lock.release(keep=False)
-        raise
-    write_configs(run_dir, *configs)
-    return stored
-
-
-def _file_version(path: Path) -> Optional[tuple]:
-    """(modification time, size) of a file, or None: whether it changed since it was read."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_mtime_ns, st.st_size
 
 
 class TrainingData(NamedTuple):
@@ -170,7 +143,7 @@ def _start(model_config: NVAEConfig, cfg: TrainConfig, data: Dataset, test_data:
     """The run's state and its batches, seeded (and restored from ``stored``) as every process needs."""
     # Seeded identically on every process, so all build the same initial model.
     seed_everything(cfg.seed)
-    seed = rank_seed(cfg.seed, dist_ctx.rank) if dist_ctx.enabled else cfg.seed
+    seed = sequence_seed(cfg.seed, dist_ctx.rank) if dist_ctx.enabled else cfg.seed
     # The data stream (binarisation) has a generator of its own; the sampler's
     # order depends on (seed, epoch) only, so a resumed run can start mid-epoch.
     generator = torch.Generator().manual_seed(seed)

@@ -8,7 +8,6 @@ weights when the run kept one.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -20,18 +19,15 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ..formats.checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_load, save_png, upgrade
-from ..config import TRAIN_PRESETS, NVAEConfig, TrainConfig
+from ..formats.checkpoint import CheckpointError, atomic_write, read_checkpoint, save_png
+from .. import speedups
+# RUN_CONTROL: the options a resumed run may change, from TrainConfig's field metadata
+from ..config import RUN_CONTROL, TRAIN_PRESETS, NVAEConfig, TrainConfig
 from ..data import prepare_batch
-from .ema import stored_ema
 from ..model.network import NVAE, training_mode
-from ..formats.official import OFFICIAL_DATASETS
+from ..formats.opened import WEIGHTS, OpenedCheckpoint, open_checkpoint
 
 log = logging.getLogger("nvae.training.loop")
-
-#: Options that only steer a run (when to stop, log, write): a resumed run may change them.
-RUN_CONTROL = ("max_steps", "max_minutes", "log_every", "image_every", "checkpoint_every", "allow_data_change",
-               "dist_timeout_minutes", "eval_every", "eval_samples", "final_eval_samples", "eval_max_images")
 
 
 class RunDirError(ValueError):
@@ -194,6 +190,66 @@ def write_configs(run_dir: Path, model_config: NVAEConfig, cfg: TrainConfig) -> 
     write_json(run_dir / "train_config.json", cfg.to_dict())
 
 
+def _file_version(path: Path) -> Optional[tuple]:
+    """(modification time, size) of a file, or None: whether it changed since it was read."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class RunDirectory:
+    """The folder a run trains into, in the order training uses it: check what is there, read the checkpoint
+    to resume from, take the lock, write the configs, open the log; the checkpoint's path.
+
+    Only the main process (``is_main``) writes: it claims the folder; the other processes of a torchrun
+    job read what they resume from.
+    """
+
+    def __init__(self, path: Union[str, Path], is_main: bool = True):
+        self.path, self.is_main = Path(path), is_main
+        self.lock = RunLock(self.path)
+        self._seen: Optional[tuple] = None
+
+    @property
+    def checkpoint(self) -> Path:
+        """Where the run's training state is written and resumed from."""
+        return self.path / "checkpoint.pt"
+
+    def to_resume(self, model_config: NVAEConfig, cfg: TrainConfig, resume: bool) -> Optional[dict]:
+        """The checkpoint to continue from (None when starting), after the checks of
+        :func:`checkpoint_to_resume`; remembers which version of the file it read."""
+        self._seen = _file_version(self.checkpoint)
+        return checkpoint_to_resume(self.path, model_config, cfg, resume)
+
+    def check_data(self, stored: Optional[dict], identity: dict, allowed: bool) -> None:
+        """:func:`check_same_data` for this run."""
+        check_same_data(stored, identity, allowed, self.path)
+
+    def claim(self, model_config: NVAEConfig, cfg: TrainConfig, resume: bool, stored: Optional[dict]):
+        """Main process: take the lock, read the checkpoint again if it changed since :meth:`to_resume`
+        read it (or when starting afresh: no other process can write the folder now), write both configs;
+        returns what to resume from."""
+        self.lock.acquire()
+        try:
+            if not resume or _file_version(self.checkpoint) != self._seen:
+                stored = checkpoint_to_resume(self.path, model_config, cfg, resume)
+        except RunDirError:
+            self.lock.release(keep=False)
+            raise
+        write_configs(self.path, model_config, cfg)
+        return stored
+
+    def open_log(self, purge_step: Optional[int] = None) -> "RunLog":
+        """The run's log (``log.txt``, events, image grids); silent on processes other than the main one."""
+        return RunLog(self.path, self.is_main, purge_step=purge_step)
+
+    def release(self) -> None:
+        """Give the folder back (the lock, where this process took it)."""
+        self.lock.release()
+
+
 def write_json(path: Union[str, Path], obj, sort_keys: bool = False) -> None:
     """``obj`` as indented JSON, written atomically. A number that is not finite (which JSON cannot
     hold, and which means the result is garbage) is an error, and nothing is written."""
@@ -290,21 +346,20 @@ def save_grid(images: torch.Tensor, path: Path, min_side: int = 128) -> None:
 
 
 # ------------------------------------------------------------------ reading back
-#: What :func:`load_weights` may be asked for: the EMA when there is one, the EMA, or the raw weights.
-WEIGHTS = ("auto", "ema", "raw")
-
-
 class LoadedModel(NamedTuple):
-    """A model read back for use (eval mode), where it came from, and which weights it holds."""
+    """What :func:`load_weights` returns."""
 
     model: NVAE
     checkpoint: Path
     weights: str        #: "ema" (the run's EMA of the weights) or "raw" (the weights as trained)
+    source: OpenedCheckpoint   #: the checkpoint as read (config, training config, data), for what comes next
 
 
-def load_weights(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+def load_weights(path: Union[str, Path, OpenedCheckpoint], device: Union[str, torch.device] = "cpu",
                  weights: str = "auto") -> LoadedModel:
-    """The model of a run directory, one of our checkpoints, or an official one, in eval mode.
+    """The model of a run directory, one of our checkpoints, or an official one, in eval mode with
+    :data:`nvae.speedups.DEFAULT` applied; ``path`` may be a checkpoint already opened
+    (:func:`nvae.formats.open_checkpoint`), which is not read again.
 
     ``weights="auto"`` gives the EMA of the weights when the run kept one (``ema_rate`` > 0)
     and the raw weights otherwise; ``"ema"`` insists on the EMA, ``"raw"`` never uses it. The
@@ -313,52 +368,19 @@ def load_weights(path: Union[str, Path], device: Union[str, torch.device] = "cpu
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoint.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {p}; pass a run directory or a checkpoint file")
-    try:
-        state = read_checkpoint(p)
-    except CheckpointError as ours:
-        try:
-            official = safe_load(p, device, allowed_globals=[argparse.Namespace])
-        except CheckpointError:
-            raise ours from None
-        if not (isinstance(official, dict) and "args" in official):
-            raise ours from None
-        _check_ema_wanted(weights, None, p)
-        return LoadedModel(NVAE.from_official(p, device), p, "raw")
-    ema = stored_ema(state)
-    _check_ema_wanted(weights, ema, p)
-    used = "raw" if weights == "raw" or ema is None else "ema"
-    try:
-        model = NVAE(NVAEConfig.from_dict(state["config"]))
-        model.load_state_dict(ema if used == "ema" else upgrade(state, model)["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{p} is damaged or inconsistent: {str(e).splitlines()[0][:300]}") from None
-    return LoadedModel(model.to(device).eval(), p, used)
-
-
-def _check_ema_wanted(weights: str, ema: Optional[dict], path: Path) -> None:
-    if weights == "ema" and ema is None:
-        raise ValueError(f"{path} holds no EMA of the weights (the run was trained without --train ema_rate=..., "
-                         "or before its first step); use the raw weights")
+    source = open_checkpoint(path)
+    model, used = source.model(weights, device)
+    return LoadedModel(speedups.apply(model), source.path, used, source)
 
 
 def load_any(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
              weights: str = "auto") -> Tuple[NVAE, Path]:
     """``(model in eval mode, checkpoint path)``: :func:`load_weights` without saying which weights."""
-    model, checkpoint, _ = load_weights(path, device, weights)
-    return model, checkpoint
+    loaded = load_weights(path, device, weights)
+    return loaded.model, loaded.checkpoint
 
 
-def dataset_of(checkpoint: Union[str, Path]) -> str:
-    """The data set a checkpoint was trained on: from our training config or the official args."""
-    return data_of(checkpoint)[0]
-
-
-def split_of(checkpoint: Union[str, Path], config: NVAEConfig, split: str, dataset: Optional[str] = None,
+def split_of(checkpoint: Union[str, Path, OpenedCheckpoint], config: NVAEConfig, split: str, dataset: Optional[str] = None,
              root: Optional[str] = None, **options) -> Tuple[str, torch.utils.data.Dataset]:
     """``(data set name, split)`` to evaluate a model of ``config`` read from ``checkpoint`` on.
 
@@ -382,16 +404,6 @@ def split_of(checkpoint: Union[str, Path], config: NVAEConfig, split: str, datas
     return name, check_images_fit(build_dataset(name, split, folder, **options), config, name)
 
 
-def data_of(checkpoint: Union[str, Path]) -> Tuple[str, Optional[str]]:
-    """``(data set, data folder or None)`` a checkpoint was trained on: from our training config and the
-    data the run recorded, or from the official ``args`` (``--dataset``, ``--data``)."""
-    state = safe_load(checkpoint, allowed_globals=[argparse.Namespace])
-    if isinstance(state, dict) and isinstance(state.get("train_config"), dict):
-        root = (state.get("data") or {}).get("root")
-        return state["train_config"]["dataset"], root if isinstance(root, str) else None
-    if isinstance(state, dict) and "args" in state:
-        args = vars(state["args"])
-        if args.get("dataset") in OFFICIAL_DATASETS:
-            root = args.get("data")
-            return OFFICIAL_DATASETS[args["dataset"]], root if isinstance(root, str) else None
-    raise ValueError(f"{checkpoint} does not say which data set it was trained on; pass --dataset")
+def data_of(checkpoint: Union[str, Path, OpenedCheckpoint]) -> Tuple[str, Optional[str]]:
+    """``(data set, data folder or None)`` a checkpoint was trained on (:meth:`OpenedCheckpoint.data`)."""
+    return open_checkpoint(checkpoint).data()

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -20,7 +19,9 @@ from ..formats.checkpoint import CheckpointError, save_model, upgrade
 from ..config import NVAEConfig, TrainConfig
 from ..distributed import DistributedContext, wrap_model
 from .ema import WeightEMA
+from .. import speedups
 from ..model.network import NVAE
+from ..seeds import sequence_seed
 from .resume import capture_rng, restore_rng
 from .skip_guard import GradientGuard
 
@@ -28,11 +29,6 @@ log = logging.getLogger("nvae.training.loop")
 
 #: Autocast dtypes of ``TrainConfig.precision``.
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """A seed of its own for each process, derived from the run's seed."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 @dataclass
@@ -71,16 +67,15 @@ class TrainState:
             self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=False)
 
     @classmethod
-    def create(cls, model_config: NVAEConfig, cfg: TrainConfig, dist_ctx: Optional[DistributedContext] = None,
+    def create(cls, model_config: NVAEConfig, cfg: TrainConfig, dist_ctx: DistributedContext = DistributedContext(),
                data_generator: Optional[torch.Generator] = None) -> "TrainState":
         """A fresh model on the process's device with ``cfg``'s memory options, DDP-wrapped under
         torchrun, and the official optimiser (Adamax, eps 1e-3)."""
-        dist_ctx = dist_ctx or DistributedContext()
         model = NVAE(model_config).to(dist_ctx.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        model.set_checkpointing(cfg.checkpointing, cfg.checkpointing_roles)
-        model.set_recompute_bn(cfg.recompute_bn)
+        checkpointing = (tuple(cfg.checkpointing_roles) if cfg.checkpointing_roles else True) if cfg.checkpointing else False
+        speedups.apply(model, recompute_bn=cfg.recompute_bn, checkpointing=checkpointing)
         net = wrap_model(model, dist_ctx)
         opt = torch.optim.Adamax(model.parameters(), lr=cfg.learning_rate, eps=1e-3, weight_decay=cfg.weight_decay)
         guard = GradientGuard(cfg.skip_grad_factor, cfg.skip_grad_quantile, cfg.skip_grad_window,
@@ -135,7 +130,7 @@ class TrainState:
         # Another number of processes: the data shards differ anyway; fresh, distinct streams.
         log.warning("checkpoint written by %d process(es), resumed by %d: random streams re-seeded, so the run "
                     "continues correctly but not bit-identically", len(rngs), self.dist.world_size)
-        seed = rank_seed(self.step, self.dist.rank)
+        seed = sequence_seed(self.step, self.dist.rank)
         torch.manual_seed(seed)
         self.data_generator.manual_seed(seed + 1)
 

@@ -31,7 +31,6 @@ evaluated when the run resumes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -41,18 +40,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from ..config import TrainConfig
 from ..distributed import waiting_for_peers
 from ..analysis.likelihood import EvalConfig, EvalResult, PartialFile, evaluate, partial_path_for
 from ..model.network import NVAE, training_mode
+from ..seeds import VALIDATION_EVAL, VALIDATION_SAMPLES, derived_seed
 from .resume import capture_rng, restore_rng
 from .run_dir import RunLog, save_grid, write_json
 
 if TYPE_CHECKING:
-    from ..distributed import DistributedContext
     from .state import TrainState
 
 log = logging.getLogger("nvae.training.loop")
@@ -84,12 +82,6 @@ def is_due(epoch: int, cfg: TrainConfig) -> bool:
     epoch 0, and after the last epoch."""
     every = eval_interval(cfg)
     return every > 0 and (epoch % every == 0 or epoch == cfg.epochs - 1)
-
-
-def validation_seed(seed: int, epoch: int, purpose: str) -> int:
-    """A 63-bit seed of its own for ``purpose`` ("eval" or "samples") after ``epoch`` of a run seeded ``seed``."""
-    digest = hashlib.blake2b(f"nvae-validation/{purpose}/{seed}/{epoch}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
 
 
 @torch.no_grad()
@@ -131,15 +123,6 @@ def validated_weights(state: "TrainState") -> Iterator[Tuple[NVAE, str]]:
         yield state.model, "ema"
     finally:
         state.model.load_state_dict(trained)
-
-
-def _from_main(obj, dist_ctx: "DistributedContext"):
-    """Rank 0's ``obj`` on every process."""
-    if not dist_ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=dist_ctx.device if dist_ctx.device.type == "cuda" else None)
-    return box[0]
 
 
 def read_history(path: Path) -> list:
@@ -186,7 +169,7 @@ class Validation:
         """Take over the evaluations of steps up to ``state.step`` from ``validation.json``, and run the
         one of the epoch that ended at ``state.step`` if it is due and was not run (the run stopped first)."""
         entries = read_history(self.run_dir / HISTORY_FILE) if state.dist.is_main else None
-        entries = _from_main(entries, state.dist)
+        entries = state.dist.from_main(entries)
         self.done = {int(e["epoch"]): e for e in entries if int(e["step"]) <= state.step}
         self.after_step(state)
 
@@ -201,7 +184,7 @@ class Validation:
 
     def evaluate_epoch(self, state: "TrainState", epoch: int) -> EvalResult:
         """Evaluate with K = ``eval_samples`` after ``epoch``, log it and draw the sample grids."""
-        dist_ctx, seed = state.dist, validation_seed(self.cfg.seed, epoch, "eval")
+        dist_ctx, seed = state.dist, derived_seed(VALIDATION_EVAL, self.cfg.seed, epoch)
         config = EvalConfig(num_samples=self.cfg.eval_samples, batch_size=self.cfg.batch_size,
                             max_images=self.cfg.eval_max_images, seed=seed)
         with validated_weights(state) as (model, weights), isolated(model, dist_ctx.device):
@@ -209,7 +192,8 @@ class Validation:
                 result = evaluate(model, self.data, config, dist_ctx=dist_ctx,
                                   progress=self.progress and dist_ctx.is_main)
             if self.log.enabled:
-                gen = torch.Generator(dist_ctx.device).manual_seed(validation_seed(self.cfg.seed, epoch, "samples"))
+                gen = torch.Generator(dist_ctx.device)
+                gen.manual_seed(derived_seed(VALIDATION_SAMPLES, self.cfg.seed, epoch))
                 self._write_grids(sample_grids(model, gen), state.step)
         self._log_result(result, epoch, f"validation after epoch {epoch} (step {state.step})")
         self.done[epoch] = {"epoch": epoch, "step": state.step, "seed": seed, "weights": weights,
@@ -227,12 +211,12 @@ class Validation:
         if k == 0 or state.step < self.cfg.epochs * self.per_epoch:
             return None
         path, dist_ctx = self.run_dir / FINAL_FILE, state.dist
-        before = _from_main(_read_final(path) if dist_ctx.is_main else None, dist_ctx)
+        before = dist_ctx.from_main(_read_final(path) if dist_ctx.is_main else None)
         images = len(self.data) if self.cfg.eval_max_images is None else min(self.cfg.eval_max_images, len(self.data))
         if before is not None and (before.get("step"), before.get("num_samples"), before.get("num_images")) == \
                 (state.step, k, images):
             return None
-        seed = validation_seed(self.cfg.seed, self.cfg.epochs, "eval")
+        seed = derived_seed(VALIDATION_EVAL, self.cfg.seed, self.cfg.epochs)
         config = EvalConfig(num_samples=k, batch_size=self.cfg.batch_size, max_images=self.cfg.eval_max_images,
                             seed=seed)
         identity = {"dataset": dataset, "split": SPLIT, "step": state.step}

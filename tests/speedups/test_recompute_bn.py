@@ -8,11 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nvae.speedups.recompute_bn as fused
-from nvae import NVAE, NVAEConfig
+from nvae import NVAE, NVAEConfig, speedups
 from nvae.model.cells import InvertedResidual, ResConv
 from nvae.speedups.recompute_bn import bn_act_conv
 from nvae.model.layers import WNConv2d, batch_norm
-from nvae.speedups.memory import LeanInvertedResidual, LeanResConv, frozen_batch_statistics, set_recompute_bn
+from nvae.speedups.memory import LeanResConv, frozen_batch_statistics, set_recompute_bn
 from nvae.training.objective import kl_balance_alpha, nvae_loss
 
 
@@ -105,7 +105,7 @@ def test_cells_keep_far_less_for_backward(make, bound):
     torch.manual_seed(0)
     cell = make()
     cell_ref = copy.deepcopy(cell)
-    set_recompute_bn(cell)
+    speedups.apply(cell, recompute_bn=True)
     x = torch.randn(8, 16, 16, 16, requires_grad=True)
     out, lean = _saved_bytes(lambda: cell(x))
     ref, full = _saved_bytes(lambda: cell_ref(x))
@@ -130,9 +130,9 @@ def test_training_step_is_unchanged(channels_last, checkpointing):
     model = NVAE(cfg).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ref = copy.deepcopy(model)
-    model.set_recompute_bn(True).set_checkpointing(checkpointing)
-    assert sum(isinstance(m, (LeanResConv, LeanInvertedResidual)) for m in model.modules()) > 10
+    ref = speedups.apply(copy.deepcopy(model))
+    speedups.apply(model, recompute_bn=True, checkpointing=checkpointing)
+    assert sum(isinstance(m, LeanResConv) or getattr(m, "recompute_bn", False) for m in model.modules()) > 10
     x = (torch.rand(4, 1, 32, 32) > 0.5).float()
     alpha = kl_balance_alpha(cfg.groups_per_scale)
     loss, grads = _step_grads(model, x, alpha)
@@ -229,8 +229,8 @@ def test_memory_savers_keep_working_under_bf16_autocast(checkpointing):
     cfg = dataclasses.replace(NVAEConfig.preset("mnist_small"), num_channels_enc=8, num_channels_dec=8)
     torch.manual_seed(0)
     model = NVAE(cfg).train().to(memory_format=torch.channels_last)
-    ref = copy.deepcopy(model)
-    model.set_recompute_bn(True).set_checkpointing(checkpointing, ["normal_post", "up_post"] if checkpointing else None)
+    ref = speedups.apply(copy.deepcopy(model))
+    speedups.apply(model, recompute_bn=True, checkpointing=("normal_post", "up_post") if checkpointing else False)
     x = (torch.rand(4, 1, 32, 32) > 0.5).float().contiguous(memory_format=torch.channels_last)
     alpha = kl_balance_alpha(cfg.groups_per_scale)
     results, saved = [], []

@@ -7,7 +7,7 @@ import torch
 import torch.distributions as D
 
 from nvae import NVAE, NVAEConfig
-from nvae.model.cells import ARCH_INSTANCES
+from nvae.config import ARCH_INSTANCES
 from nvae.model.distributions import DiscMixLogistic
 
 # Parameters of the models built by the official code (counted with NVlabs/NVAE); mnist_small is ours.

@@ -1,29 +1,37 @@
 """Bad input gets one clear error: a message naming the problem and the fix, exit status 2, no
-traceback (unless --debug), and nothing half-written."""
+traceback (unless --debug), and nothing half-written. Missing, unreadable or mismatched data, contradictory
+or degenerate arguments, checkpoints and configuration files that are not what they claim, outputs over a
+run's own files, and a resume on other data; without --strict-data, images that can be skipped or converted are."""
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import DATA, needs_shared, file_listing
 from nvae.cli import main
+from nvae.training.run_dir import write_json
 
 TINY = ["--model", "num_channels_enc=8", "--model", "num_channels_dec=8", "--batch-size", "4",
         "--train", "image_every=1000"]
 
 
-def _listing(root: Path) -> dict:
-    """Every file under ``root`` with its size and modification time."""
-    if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
-
-
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
+def run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("finished") / "run"
     assert main(["train", "--run-dir", str(run), "--max-steps", "2", *TINY]) == 0
     return run
+
+
+def _refused(argv, message, capsys, *roots):
+    before = [file_listing(r) for r in roots]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]   # after any progress bar of the work done before the check
+    assert last.startswith("nvae: error:") and message in last and err.count("nvae:") == 1, err
+    assert "Traceback" not in err
+    assert [file_listing(r) for r in roots] == before
 
 
 def _images(folder: Path, n: int, mode: str = "L", size: int = 8) -> Path:
@@ -95,15 +103,15 @@ CASE_NAMES = ["missing data directory", "empty data directory", "unreadable imag
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_one_clear_error_exit_2_nothing_written(name, finished_run, tmp_path, capsys):
-    argv, message = _cases(tmp_path, finished_run)[name]
-    before_run, before_tmp = _listing(finished_run), _listing(tmp_path)
+def test_one_clear_error_exit_2_nothing_written(name, run, tmp_path, capsys):
+    argv, message = _cases(tmp_path, run)[name]
+    before_run, before_tmp = file_listing(run), file_listing(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("nvae: error:") and message in err, err
     assert "Traceback" not in err and err.count("\n") == 1
-    assert _listing(finished_run) == before_run          # the existing run is untouched
-    assert _listing(tmp_path) == before_tmp              # no new run directory, no stray files
+    assert file_listing(run) == before_run                   # the existing run is untouched
+    assert file_listing(tmp_path) == before_tmp              # no new run directory, no stray files
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -131,28 +139,84 @@ def test_wrong_channel_count_is_converted_without_strict(tmp_path):
     assert model["config"]["in_channels"] == 1
 
 
-def test_a_run_directory_in_use_is_refused_with_the_holders_pid(finished_run, tmp_path, capsys):
-    import os
+# ------------------------------------------------------------------ degenerate numbers, broken files, other data
+@pytest.mark.parametrize("args, message", [
+    (["interpolate", "{run}", "--steps", "0"], "--steps: invalid positive integer"),
+    (["interpolate", "{run}", "--a", "-1"], "--a: invalid non-negative integer"),
+    (["reconstruct", "{run}", "-n", "-3"], "-n: invalid positive integer"),
+    (["sample", "{run}", "-n", "0"], "-n: invalid positive integer"),
+    (["sample", "{run}", "-t", "nan"], "--temperature/-t: invalid finite non-negative number"),
+    (["sample", "{run}", "-t", "-1"], "--temperature/-t: invalid finite non-negative number"),
+    (["sample", "{run}", "--temperatures", "0.5,inf"], "finite numbers >= 0"),
+    (["sample", "{run}", "--readjust-bn", "--readjust-steps", "0"], "--readjust-steps: invalid positive integer"),
+    (["eval", "{run}", "-k", "0"], "--num-samples/-k: invalid positive integer"),
+    (["eval", "{run}", "--batch-size", "0"], "--batch-size: invalid positive integer"),
+    (["eval", "{run}", "--max-images", "-1"], "--max-images: invalid positive integer"),
+    (["eval", "{run}", "--dist-timeout", "0"], "--dist-timeout: invalid finite positive number"),
+    (["kl-stats", "{run}", "--batch-size", "0"], "--batch-size: invalid positive integer"),
+    (["fid", "{run}", "--stats", "x.npz", "-n", "0"], "--num-samples: invalid positive integer"),
+    (["train", "--learning-rate", "nan", "--run-dir", "{new}"], "--learning-rate: invalid finite positive number"),
+    (["train", "--train", "learning_rate=inf", "--run-dir", "{new}"], "learning_rate must be a finite number"),
+    (["train", "--train", "kl_anneal_portion=0", "--run-dir", "{new}"], "kl_anneal_portion must be > 0"),
+    (["train", "--train", "skip_grad_factor=0.5", "--run-dir", "{new}"], "skip_grad_factor must be > 1"),
+    (["train", "--epochs", "0", "--run-dir", "{new}"], "--epochs: invalid positive integer"),
+    (["train", "--max-minutes", "-2", "--run-dir", "{new}"], "--max-minutes: invalid finite positive number"),
+    (["train", "--device", "banana", "--run-dir", "{new}"], "'banana' is not a torch device"),
+    (["eval", "{run}", "--device", "cuda:0"] if not torch.cuda.is_available() else ["eval", "{run}", "-k", "-1"],
+     "no CUDA device" if not torch.cuda.is_available() else "invalid positive integer"),
+])
+def test_degenerate_numbers_are_refused_before_anything_is_written(run, tmp_path, capsys, args, message):
+    argv = [a.format(run=run, new=tmp_path / "new") for a in args]
+    _refused(argv, message, capsys, run, tmp_path)
 
-    from nvae.training.run_dir import RunLock
-    lock = RunLock(finished_run).acquire()          # as a training process would hold it
-    try:
-        before = _listing(finished_run)
-        assert main(["train", "--resume", str(finished_run), "--max-steps", "3"]) == 2
-        err = capsys.readouterr().err
-        assert f"in use by another nvae process (PID {os.getpid()})" in err
-        assert _listing(finished_run) == before
-    finally:
-        lock.release()
-    # two runs started together into a new directory: the second is refused, and leaves nothing
-    new = tmp_path / "new"
-    lock = RunLock(new).acquire()
-    try:
-        assert main(["train", "--run-dir", str(new), "--max-steps", "1", *TINY]) == 2
-        assert "in use by another nvae process" in capsys.readouterr().err
-        assert sorted(p.name for p in new.iterdir()) == [RunLock.NAME]
-    finally:
-        lock.release(keep=False)
-    assert not new.exists()
-    # the lock dies with its holder: the run resumes once it is free
-    assert main(["train", "--resume", str(finished_run), "--max-steps", "3"]) == 0
+
+def test_a_config_file_holding_null_is_a_clear_error(run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_config.json").write_text("null\n")
+    (broken / "train_config.json").write_text("{}\n")
+    _refused(["train", "--resume", str(broken)], "must be a JSON object", capsys, broken)
+
+
+def test_a_non_finite_evaluation_writes_no_json(run, tmp_path, capsys):
+    from nvae import NVAE
+    model = NVAE.from_checkpoint(run / "checkpoint.pt")
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    bad = tmp_path / "nan_run"
+    model.save(bad / "checkpoint.pt", train_config={"dataset": "digits"})
+    _refused(["eval", str(bad), "-k", "2", "--max-images", "2"], "not a finite number", capsys, bad)
+    with pytest.raises(ValueError, match="not a finite number"):
+        write_json(tmp_path / "x.json", {"nll": float("nan")})
+    assert not (tmp_path / "x.json").exists()
+
+
+@needs_shared("data", "cifar-10-batches-py")
+def test_a_data_set_that_does_not_fit_the_model_is_one_check_everywhere(run, capsys):
+    for command in (["eval", str(run), "-k", "2"], ["reconstruct", str(run)], ["kl-stats", str(run)],
+                    ["interpolate", str(run)]):
+        _refused(command + ["--dataset", "cifar10", "--data", str(DATA)], "yields images of shape (3, 32, 32) but "
+                 "the model expects (1, 8, 8)", capsys, run)
+
+
+def test_resuming_on_other_data_is_refused_unless_asked(tmp_path, capsys):
+    def folder(path, n):
+        path.mkdir()
+        for i in range(n):
+            Image.new("L", (8, 8), color=(i * 7) % 255).save(path / f"{i}.png")
+        return path
+
+    a, b = folder(tmp_path / "a", 40), folder(tmp_path / "b", 60)
+    run_dir = tmp_path / "run"
+    data = ["--train", "dataset=folder", "--model", "num_channels_enc=4", "--model", "num_channels_dec=4",
+            "--batch-size", "8", "--train", "image_every=1000"]
+    assert main(["train", "--run-dir", str(run_dir), "--data", str(a), "--max-steps", "1", *data]) == 0
+    _refused(["train", "--resume", str(run_dir), "--data", str(b), "--max-steps", "2"],
+             "pass --allow-data-change", capsys, run_dir)
+    assert main(["train", "--resume", str(run_dir), "--data", str(b), "--max-steps", "2", "--allow-data-change"]) == 0
+    stored = torch.load(run_dir / "checkpoint.pt", weights_only=True)["data"]
+    assert stored["root"] == str(b.resolve()) and stored["train_images"] > 40
+    # the permission was for that resume only
+    assert json.loads((run_dir / "train_config.json").read_text()).get("allow_data_change") is True
+    _refused(["train", "--resume", str(run_dir), "--data", str(a), "--max-steps", "3"], "--allow-data-change",
+             capsys, run_dir)

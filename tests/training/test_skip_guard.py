@@ -8,10 +8,11 @@ import nvae.training.loop as train_mod
 from nvae import NVAE, NVAEConfig
 from nvae.data import build_dataset
 from nvae.training.objective import kl_balance_alpha
-from nvae.training.skip_guard import GradientGuard
+from nvae.config import TrainConfig
+from nvae.training.skip_guard import GradientGuard, TrainingDiverged
 from nvae.training.state import TrainState
-from nvae.training.step import Coefficients
-from nvae.training.loop import TrainConfig, TrainingDiverged, train, train_step
+from nvae.training.step import Coefficients, learning_rate, train_step
+from nvae.training.loop import train
 
 
 def _tiny():
@@ -153,7 +154,7 @@ def test_consecutive_skips_roll_back_to_the_last_checkpoint_with_a_lower_learnin
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
     lrs = [float(line.split(" lr ")[1]) for line in text.splitlines() if " lr " in line]
     per_epoch = len(build_dataset("digits", "train")) // 32
-    schedule = [train_mod.learning_rate(s, per_epoch, _cfg()) for s in range(8)]
+    schedule = [learning_rate(s, per_epoch, _cfg()) for s in range(8)]
     assert lrs[0] == pytest.approx(schedule[0], rel=1e-2)
     assert lrs[-1] == pytest.approx(0.5 * schedule[7], rel=1e-2)   # after the roll-back
 

@@ -3,10 +3,9 @@ import pytest
 import torch
 
 import nvae.speedups.folded_eval as inference
-from nvae import NVAE, NVAEConfig
+from nvae import NVAE, NVAEConfig, speedups
 from nvae.model.cells import OPS, InvertedResidual
-from nvae.speedups.folded_eval import FoldedInvertedResidual, fused_inference
-from nvae.speedups.memory import LeanInvertedResidual, set_recompute_bn
+from nvae.speedups.switches import SeparableCell
 
 
 def _randomise_bn(module: torch.nn.Module, seed: int = 0) -> None:
@@ -43,9 +42,10 @@ def test_folded_cell_matches_the_plain_cell(op, stride, channels_last, pointwise
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         plain = cell(x)
-        with fused_inference(cell):
-            assert type(cell) is FoldedInvertedResidual
-            folded = cell(x)
+        speedups.apply(cell)
+        assert type(cell) is SeparableCell
+        folded = cell(x)
+    speedups.remove(cell)
     assert type(cell) is InvertedResidual
     assert folded.shape == plain.shape
     torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)
@@ -54,13 +54,13 @@ def test_folded_cell_matches_the_plain_cell(op, stride, channels_last, pointwise
 def test_folded_weights_follow_parameter_and_statistics_updates():
     cell = _cell("mconv_e6k5g0", 1)
     x = torch.randn(4, 8, 8, 8)
-    with torch.no_grad(), fused_inference(cell):
+    with torch.no_grad():
+        speedups.apply(cell)
         before = cell(x)
         cell.depthwise.weight.mul_(2)          # as an optimiser step would (in place)
         cell.bn_out.running_var.add_(1.0)      # as a BN re-adjustment would
         after = cell(x)
-    with torch.no_grad():
-        plain_after = cell(x)
+        plain_after = speedups.remove(cell)(x)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, plain_after, rtol=1e-4, atol=1e-4)
 
@@ -69,33 +69,39 @@ def test_training_and_autograd_take_the_plain_path():
     cell = _cell("mconv_e6k5g0", 1)
     x = torch.randn(4, 8, 8, 8)
     reference = InvertedResidual.forward(cell, x).detach()
-    with fused_inference(cell):
-        out_grad = cell(x)                     # grad mode: plain modules, differentiable
-        assert out_grad.requires_grad
-        torch.testing.assert_close(out_grad.detach(), reference, rtol=0, atol=0)
-        cell.train()
-        count = int(cell.bn_in.num_batches_tracked)
-        with torch.no_grad():
-            cell(x)
-        assert int(cell.bn_in.num_batches_tracked) == count + 1   # training BN still counts the batch
+    speedups.apply(cell)
+    out_grad = cell(x)                     # grad mode: plain modules, differentiable
+    assert out_grad.requires_grad
+    torch.testing.assert_close(out_grad.detach(), reference, rtol=0, atol=0)
+    cell.train()
+    count = int(cell.bn_in.num_batches_tracked)
+    with torch.no_grad():
+        cell(x)
+    assert int(cell.bn_in.num_batches_tracked) == count + 1   # training BN still counts the batch
 
 
-def test_lean_cells_are_folded_and_put_back():
+def test_a_lean_cell_is_folded_in_evaluation_and_lean_with_autograd():
     cell = _cell("mconv_e6k5g0", 1)
-    set_recompute_bn(cell)
-    assert type(cell) is LeanInvertedResidual
-    with pytest.raises(RuntimeError, match="boom"):
-        with fused_inference(cell):
-            assert type(cell) is FoldedInvertedResidual
-            raise RuntimeError("boom")
-    assert type(cell) is LeanInvertedResidual
+    x = torch.randn(4, 8, 8, 8)
+    with torch.no_grad():
+        plain = cell(x)
+        folded = speedups.apply(cell, folded_eval=True)(x)
+        lean_and_folded = speedups.apply(cell, recompute_bn=True)(x)
+    assert speedups.enabled(cell).recompute_bn and speedups.enabled(cell).folded_eval
+    torch.testing.assert_close(lean_and_folded, folded, rtol=0, atol=0)     # evaluation without autograd: folded
+    lean = cell(x)                                                          # with autograd: the lean chain
+    assert lean.requires_grad
+    torch.testing.assert_close(lean.detach(), plain, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(folded, plain)    # folding sums in another order: the two paths really differ
+    speedups.remove(cell)
+    assert type(cell) is InvertedResidual and not hasattr(cell, "_folded_cache")
 
 
 def test_log_likelihood_matches_the_unfolded_model():
     """The importance weights of the folded model equal those of the plain modules, same draws."""
     torch.manual_seed(0)
     cfg = NVAEConfig.preset("digits")
-    model = NVAE(cfg)
+    model = speedups.apply(NVAE(cfg))
     _randomise_bn(model, seed=1)
     model.eval()
     x = (torch.rand(3, cfg.in_channels, cfg.image_size, cfg.image_size) > 0.5).float()
@@ -108,6 +114,6 @@ def test_log_likelihood_matches_the_unfolded_model():
     plain = (-out.recon - out.log_q + out.log_p).view(4, 3).detach()
     torch.testing.assert_close(log_w, plain, rtol=1e-5, atol=1e-3)
     # Switched off, the evaluation runs op by op: the plain numbers exactly.
-    model.set_fused_inference(False)
+    speedups.apply(model, folded_eval=False)
     unfolded = model.log_importance_weights(x, 4, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(unfolded, plain, rtol=0, atol=0)

@@ -10,8 +10,9 @@ from nvae import NVAE, NVAEConfig
 from nvae.cli import main
 from nvae.data import build_dataset, prepare_batch
 from nvae.analysis.likelihood import kl_statistics
-from nvae.analysis.latent_export import EncodeConfig, decode, encode_dataset, latents_seed, load_latents, partial_posterior_grid
+from nvae.analysis.latent_export import EncodeConfig, decode, encode_dataset, load_latents, partial_posterior_grid
 from nvae.analysis.sampling import reconstructions
+from nvae.seeds import LATENTS_KL, derived_seed
 
 from gloo import WORLD, spawn
 
@@ -74,7 +75,7 @@ def test_batch_by_batch_equals_one_batch_and_the_walk_means(means, model, data, 
 
 def test_active_only_keeps_the_channels_whose_kl_exceeds_the_threshold(means, model, data, tmp_path):
     # one batch: the active-channel pass is kl_statistics with the generator of that batch
-    gen = torch.Generator().manual_seed(latents_seed(0, 0, "kl"))
+    gen = torch.Generator().manual_seed(derived_seed(LATENTS_KL, 0, 0))
     stats = kl_statistics(model, torch.utils.data.Subset(data, range(N)), generator=gen, progress=False)
     per_channel = torch.tensor(stats.kl_per_channel)
     assert torch.allclose(per_channel.sum(1), torch.tensor(stats.kl_per_group, dtype=per_channel.dtype))
