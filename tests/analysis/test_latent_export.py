@@ -249,3 +249,16 @@ def test_keep_groups_takes_a_per_group_schedule_for_the_groups_not_kept():
     ramp = partial_posterior_grid(model, x, [1], parse_temperature("linear:0:1"), torch.Generator().manual_seed(1))
     listed = partial_posterior_grid(model, x, [1], [i / (n - 1) for i in range(n)], torch.Generator().manual_seed(1))
     assert torch.equal(ramp, listed) and not torch.equal(ramp, a)
+
+
+def test_non_finite_latents_in_memory_are_refused_before_decoding(means, model, tmp_path):
+    """Latents built in memory (not read from a file) get the same check as a file's: no NaN images."""
+    from nvae.analysis.latent_export import Latents, decode_to_file
+    z = [a.copy() for a in means.z]
+    z[0].flat[0] = float("inf")
+    bad = Latents(z, means.channels, means.indices, means.meta)
+    with pytest.raises(ValueError, match=r"group 0 holds 1 non-finite values \(NaN or inf\)"):
+        decode(model, bad)
+    with pytest.raises(ValueError, match="group 0 holds 1 non-finite values"):
+        decode_to_file(model, bad, tmp_path / "out.npz", progress=False)
+    assert list(tmp_path.iterdir()) == []

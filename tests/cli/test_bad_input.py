@@ -76,9 +76,9 @@ def _cases(tmp: Path, run: Path):
         "checkpoint from another training recipe": (["train", "--resume", str(run), "--learning-rate", "0.5"],
                                                     "learning_rate"),
         "checkpoint that is not one (eval)": (["eval", str(garbage), "--dataset", "digits"],
-                                              "could not be read as a checkpoint"),
+                                              "is not a torch checkpoint"),
         "checkpoint that is not one (resume)": (["train", "--resume", str(garbage_run)],
-                                                "could not be read as a checkpoint"),
+                                                "is not a torch checkpoint"),
         "nothing to resume": (["train", "--resume", str(tmp / "no_such_run")], "holds no run"),
         "run directory holding another run": (["train", "--run-dir", str(run), *TINY], "already holds a run"),
         "unknown preset": (["train", "--preset", "no_such", "--run-dir", new], "no_such"),
@@ -220,3 +220,97 @@ def test_resuming_on_other_data_is_refused_unless_asked(tmp_path, capsys):
     assert json.loads((run_dir / "train_config.json").read_text()).get("allow_data_change") is True
     _refused(["train", "--resume", str(run_dir), "--data", str(a), "--max-steps", "3"], "--allow-data-change",
              capsys, run_dir)
+
+
+# ------------------------------------------------------------------ numbers read from files
+@pytest.fixture(scope="module")
+def latents(run, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("latents") / "latents.npz"
+    assert main(["encode", str(run), "--max-images", "3", "--no-progress", "--output", str(path)]) == 0
+    return path
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_decoding_non_finite_latents_is_refused_before_anything_is_written(run, latents, tmp_path, capsys, value):
+    """NaN latents decode to NaN images that look like a result: the file is refused, naming the group."""
+    import numpy as np
+    with np.load(latents) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["z_1"] = arrays["z_1"].copy()
+    arrays["z_1"].flat[:2] = value
+    bad = tmp_path / "latents.npz"
+    np.savez(bad, **arrays)
+    _refused(["decode", str(bad), "--no-progress", "--output", str(tmp_path / "out.png")],
+             f"{bad}: group 1 holds 2 non-finite values (NaN or inf)", capsys, tmp_path, run)
+
+
+# ------------------------------------------------------------------ outputs that cannot be written
+def _read_only_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_a_read_only_output_folder_is_refused_before_the_evaluation(run, tmp_path, capsys):
+    """Found at the end, a read-only folder would throw the whole evaluation away."""
+    folder = _read_only_folder(tmp_path)
+    try:
+        try:   # root ignores permission bits: the probe says whether this test can see them
+            (folder / "probe").touch()
+            (folder / "probe").unlink()
+            pytest.skip("running as root: permission bits are not enforced (the next test covers the check)")
+        except PermissionError:
+            pass
+        _refused(["eval", str(run), "-k", "2", "--max-images", "2", "--output", str(folder / "e.json")],
+                 f"the folder {folder} is not writable", capsys, tmp_path, run)
+    finally:
+        folder.chmod(0o755)
+
+
+def test_the_writable_check_refuses_what_os_access_refuses(run, tmp_path, capsys, monkeypatch):
+    """The same check as root: ``os.access`` saying no for the folder, then for an existing file."""
+    import os
+    folder, real = tmp_path / "out", os.access
+    folder.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != folder and real(p, mode, **kw))
+    _refused(["eval", str(run), "-k", "2", "--max-images", "2", "--output", str(folder / "e.json")],
+             f"the folder {folder} is not writable; make it writable", capsys, tmp_path, run)
+    existing = folder / "e.json"
+    existing.write_text("{}\n")
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != existing and real(p, mode, **kw))
+    _refused(["eval", str(run), "-k", "2", "--max-images", "2", "--output", str(existing)],
+             f"the output {existing} cannot be replaced: the file is read-only", capsys, tmp_path, run)
+
+
+# ------------------------------------------------------------------ run files that are symbolic links
+def test_resuming_a_run_whose_log_is_a_symlink_does_not_write_through_it(tmp_path):
+    from nvae.training.run_dir import RunDirError, RunLog
+    run_dir, target = tmp_path / "run", tmp_path / "elsewhere.txt"
+    run_dir.mkdir()
+    target.write_text("not the run's\n")
+    (run_dir / "log.txt").symlink_to(target)
+    with pytest.raises(RunDirError, match=r"log\.txt is a symbolic link; .*never through a link"):
+        RunLog(run_dir, enabled=True)
+    assert target.read_text() == "not the run's\n"
+
+
+def test_a_symlinked_events_file_is_refused(tmp_path):
+    from nvae.training.run_dir import RunDirError, RunLog
+    run_dir, target = tmp_path / "run", tmp_path / "elsewhere"
+    run_dir.mkdir()
+    target.write_bytes(b"")
+    (run_dir / "events.out.tfevents.1.host.1.0").symlink_to(target)
+    with pytest.raises(RunDirError, match=r"events\.out\.tfevents\.1\.host\.1\.0 is a symbolic link"):
+        RunLog(run_dir, enabled=True)
+    assert not (run_dir / "log.txt").exists()
+
+
+def test_an_image_grid_replaces_a_symlink_instead_of_following_it(tmp_path):
+    """Grids are written through a rename, which replaces the link itself: its target is never touched."""
+    from nvae.training.run_dir import save_grid
+    target = tmp_path / "elsewhere.png"
+    target.write_bytes(b"keep")
+    (tmp_path / "samples.png").symlink_to(target)
+    save_grid(torch.rand(4, 1, 8, 8), tmp_path / "samples.png")
+    assert target.read_bytes() == b"keep" and not (tmp_path / "samples.png").is_symlink()

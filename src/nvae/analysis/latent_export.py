@@ -286,7 +286,18 @@ def load_latents(path: Union[str, Path]) -> Latents:
         _check_consistent(latents)
     except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable nvae latents file ({e}); write one with `nvae encode`") from None
+    check_finite_latents(latents, path)
     return latents
+
+
+def check_finite_latents(latents: Latents, where: Union[str, Path]) -> None:
+    """A ``ValueError`` naming ``where`` and the first group that holds NaN or inf: decoding them gives NaN
+    images that look like a result, so nothing is decoded or written from such a file."""
+    for g, z in enumerate(latents.z):
+        bad = int(z.size - np.count_nonzero(np.isfinite(z)))
+        if bad:
+            raise ValueError(f"{where}: group {g} holds {bad} non-finite values (NaN or inf); the file is damaged "
+                             "or was written from a broken model: encode the images again with `nvae encode`")
 
 
 def _check_consistent(latents: Latents) -> None:
@@ -345,6 +356,7 @@ def decode_batches(model: NVAE, latents: Latents, batch_size: int = 64, allow_ot
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     check_latents_fit(model, latents, allow_other_model)
+    check_finite_latents(latents, latents.meta.get("path", "the latents"))
     device = next(model.parameters()).device
     with training_mode(model, False):
         for start in range(0, latents.num_images, batch_size):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 
 
@@ -42,6 +43,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"nvae: error: {message} (see {self.prog} --help)\n")
+
+    def format_help(self) -> str:
+        """The help as plain text: descriptions taken from docstrings lose their reStructuredText markup."""
+        return plain_text(super().format_help())
+
+
+def plain_text(text: str) -> str:
+    """``text`` without reStructuredText inline markup: ````literal```` and ``:role:`target``` become their
+    contents (a role's ``~`` prefix dropped); single backticks, a plain-text way to quote a command, stay."""
+    text = re.sub(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``(.+?)``", r"\1", text, flags=re.S)
 
 
 def add_weights_arg(p: argparse.ArgumentParser) -> None:

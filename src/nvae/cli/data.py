@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from .common import Parser, count
 
@@ -12,7 +13,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
                                   progress=not args.no_progress, commit_every=args.commit_every)
     for name, n in counts.items():
         print(f"{args.out}/{name}.lmdb: {n} records")
-    print(f"train with: nvae train --preset {args.kind} --data {args.out}")
+    print(f"train with: nvae train --preset {args.kind} --data {shlex.quote(str(args.out))}")
     return 0
 
 

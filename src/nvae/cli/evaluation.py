@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import add_eval_data_args, add_weights_arg, count, device, eval_data, load, non_negative, positive
 
@@ -42,6 +43,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                    "data_source": getattr(data, "source_description", None), **result.to_dict()}
             write_json(output, out)
             print(json.dumps(out, indent=2))
+            print(f"wrote {output}", file=sys.stderr)   # stderr: stdout stays one JSON document
     finally:
         ctx.close()
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .common import count, device, non_negative, positive
@@ -66,10 +67,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from .. import NVAEConfig
     from ..config import TrainConfig, parse_overrides
-    from ..training.run_dir import new_run_dir, run_configs
+    from ..training.run_dir import holds_run, new_run_dir, run_configs
     from ..training.loop import TrainingInterrupted, train
 
     run_dir = Path(args.run_dir) if args.run_dir else None
+    if args.resume == "auto":   # the same command line starts the run or continues it
+        if run_dir is None:
+            raise ValueError("--resume auto needs the run's directory: nvae train --resume auto --run-dir RUN "
+                             "(a directory named auto is given as --resume ./auto)")
+        args.resume = True if holds_run(run_dir) else None
     if args.resume:
         if isinstance(args.resume, str):
             if run_dir is not None and run_dir.resolve() != Path(args.resume).resolve():
@@ -93,12 +99,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as e:
         if main_process:
             print(f"nvae: stopped by {e.signal_name} at step {e.step}; checkpoint written to {e.checkpoint}. "
-                  f"Continue with: nvae train --resume {run_dir}", file=sys.stderr)
+                  f"Continue with: nvae train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
         return 128 + {"SIGTERM": 15, "SIGINT": 2}.get(e.signal_name, 2)
     if main_process:
         print(f"done: {run_dir / 'checkpoint.pt'}, samples in {run_dir / 'samples.png'}, "
-              f"TensorBoard: tensorboard --logdir {run_dir}")
+              f"TensorBoard: tensorboard --logdir {shlex.quote(str(run_dir))}")
+        final = _final_validation_line(run_dir)
+        if final:
+            print(final)
     return 0
+
+
+def _final_validation_line(run_dir) -> str:
+    """The final validation's NLL and bits/dim from ``RUN/validation_final.json``; "" where it did not run."""
+    import json
+    import math
+
+    from ..training.validation import FINAL_FILE
+    try:
+        stored = json.loads((run_dir / FINAL_FILE).read_text())
+        nll, bpd = float(stored["nll"]), float(stored["bpd"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return ""
+    if not (math.isfinite(nll) and math.isfinite(bpd)):
+        return ""
+    where = f"K={stored['num_samples']}, " if "num_samples" in stored else ""
+    return f"final validation ({where}{stored.get('num_images', '?')} images): NLL {nll:.4f} nats/image, " \
+           f"{bpd:.4f} bits/dim"
 
 
 def add_parsers(sub) -> None:
@@ -113,7 +140,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--data", default=None, help="folder holding the data set's files (not needed for digits)")
     p.add_argument("--run-dir", default=None, help="where to write the run (default: runs/PRESET-TIMESTAMP)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
-                   help="continue the run in RUN (or --run-dir) from its last checkpoint, exactly")
+                   help="continue the run in RUN (or --run-dir) from its last checkpoint, exactly; "
+                        "`--resume auto --run-dir RUN` continues RUN when it holds a run and starts it otherwise "
+                        "(for restarts and requeued jobs; a directory named auto is given as ./auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--device", type=device, default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--no-tune-allocator", dest="tune_allocator", action="store_false",

@@ -28,6 +28,28 @@ class CheckpointError(ValueError):
     """A file that is not a usable checkpoint; the message says why and what to do."""
 
 
+def _read_umask() -> int:
+    """The process umask without changing it: Linux's /proc/self/status, else the one read at import."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+def _import_umask() -> int:
+    """Set-and-restore, once, while the module is imported (``os.umask`` is process-wide: not per write)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _import_umask()
+
+
 def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temporary file in ``path``'s directory, fsync, then rename it to ``path``.
 
@@ -41,6 +63,8 @@ def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], None]) -> N
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):   # mkstemp makes 0600; give the mode a plain open() gives (0666 & ~umask)
+                os.fchmod(f.fileno(), 0o666 & ~_read_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -106,7 +130,11 @@ def save_png(images: torch.Tensor, path: Union[str, Path], nrow: int, padding: i
 
 
 def safe_load(path: Union[str, Path], map_location="cpu", allowed_globals=()) -> Any:
-    """``torch.load`` that never unpickles anything beyond tensors, plain data and ``allowed_globals``."""
+    """``torch.load`` that never unpickles anything beyond tensors, plain data and ``allowed_globals``.
+
+    A file it cannot read is a :class:`CheckpointError` of one line in our own words
+    (:func:`_unreadable`): torch's own message is advice about ``weights_only`` that does not say
+    what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
@@ -114,10 +142,46 @@ def safe_load(path: Union[str, Path], map_location="cpu", allowed_globals=()) ->
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read means "not a checkpoint"
-        reason = (str(e).splitlines() or ["empty or truncated file"])[0][:200]
-        raise CheckpointError(
-            f"{path} could not be read as a checkpoint ({type(e).__name__}: {reason}); "
-            "it may be truncated, from another program, or contain objects we refuse to unpickle") from None
+        raise CheckpointError(f"{path} {_unreadable(path, e)}") from None
+
+
+#: how a torch checkpoint starts: a zip archive (torch >= 1.6), or the pickled magic number (older torch)
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+_CUT = "; it was cut short (a copy or a write that did not finish): use an intact copy"
+_OTHER = "; check that the path names a checkpoint written by nvae or torch.save"
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """What is wrong with the checkpoint ``path`` that ``torch.load`` failed to read with ``error``: empty,
+    truncated, not a torch checkpoint at all, or holding objects we refuse to unpickle (the refused type
+    named when torch's message names it)."""
+    import pickle
+    import re
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(len(_LEGACY_MAGIC)), os.fstat(f.fileno()).st_size
+    except OSError as e:
+        return f"could not be opened ({e.strerror or e}); check its permissions"
+    if size == 0:
+        return "is empty (0 bytes)" + _CUT
+    named = re.search(r"GLOBAL ([\w.]+)", str(error))   # torch's refusal of a class or function, by name
+    refused = named is not None or isinstance(error, pickle.UnpicklingError) and "WeightsUnpickler" in str(error)
+    if named:
+        return (f"holds a pickled object of type '{named.group(1)}', which we refuse to unpickle (a checkpoint "
+                "holds tensors and plain data only); it was not written by nvae: convert it where it was made, "
+                "if you trust it")
+    if not head.startswith((_ZIP_MAGIC, _LEGACY_MAGIC)):
+        kind = "a plain pickle" if head.startswith(b"\x80") else "neither a zip archive nor an old-style torch file"
+        return f"is not a torch checkpoint ({kind})" + _OTHER
+    if refused:
+        return ("holds pickled data we refuse to unpickle (a checkpoint holds tensors and plain data only); it was "
+                "not written by nvae: convert it where it was made, if you trust it")
+    if head.startswith(_ZIP_MAGIC):
+        if "central directory" in str(error) or isinstance(error, EOFError):
+            return f"is truncated or damaged ({size} bytes, its zip archive is incomplete)" + _CUT
+        return "is a zip archive but not a torch checkpoint" + _OTHER
+    return f"is truncated or damaged ({size} bytes, an old-style torch file that ends early)" + _CUT
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -46,6 +46,7 @@ def stored_run_configs(run_dir: Path):
         state = read_checkpoint(ckpt)
         if not isinstance(state.get("train_config"), dict):
             raise CheckpointError(f"{ckpt} holds a model but no training state; it cannot be resumed")
+        check_checkpoint_belongs(run_dir, state)
         return state["config"], state["train_config"], state
     try:
         return (json.loads((run_dir / "model_config.json").read_text()),
@@ -55,6 +56,50 @@ def stored_run_configs(run_dir: Path):
                           "or start a new run without --resume") from None
     except json.JSONDecodeError as e:
         raise RunDirError(f"{run_dir} holds damaged configs ({e}); start a new run in another --run-dir") from None
+
+
+def _as_stored(cls, config: dict) -> dict:
+    """``config`` as its class reads it (absent fields at their defaults), in JSON's types (lists, not tuples)."""
+    try:
+        config = cls.from_dict(config).to_dict()
+    except (TypeError, ValueError):   # unknown or malformed fields: compared as they are
+        pass
+    return json.loads(json.dumps(config, default=str))
+
+
+def config_differences(in_checkpoint: dict, on_disk: dict, cls, where: Path, skip=()) -> list:
+    """``"FIELD is A in the checkpoint and B in WHERE"`` for each field (but ``skip``) where a checkpoint's
+    config (of class ``cls``: :class:`NVAEConfig` or :class:`TrainConfig`) and the JSON file ``where`` differ."""
+    a, b = _as_stored(cls, in_checkpoint), _as_stored(cls, on_disk)
+    missing = "(absent)"
+    return [f"{k} is {json.dumps(a.get(k, missing))} in the checkpoint and {json.dumps(b.get(k, missing))} in {where}"
+            for k in sorted(set(a) | set(b)) if k not in skip and a.get(k, missing) != b.get(k, missing)]
+
+
+#: The configs a run directory holds beside its checkpoint: (key in checkpoint.pt, file, class, fields not compared).
+_RUN_CONFIGS = (("config", "model_config.json", NVAEConfig, ()),
+                ("train_config", "train_config.json", TrainConfig, RUN_CONTROL))
+
+
+def check_checkpoint_belongs(run_dir: Path, state: dict) -> None:
+    """Refuse a ``RUN/checkpoint.pt`` whose model or training config is not the one ``RUN/model_config.json``
+    and ``RUN/train_config.json`` hold (all but :data:`RUN_CONTROL`): another run's checkpoint, or configs
+    edited by hand. A config file that is absent is not compared. Nothing is written."""
+    problems = []
+    for key, name, cls, skip in _RUN_CONFIGS:
+        path = run_dir / name
+        try:
+            on_disk = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{path} is damaged ({e}); restore it, or start a new run in another --run-dir") from None
+        if isinstance(state.get(key), dict) and isinstance(on_disk, dict):
+            problems += config_differences(state[key], on_disk, cls, path, skip)
+    if problems:
+        raise RunDirError(f"{run_dir / 'checkpoint.pt'} does not belong to this run: {'; '.join(problems)}. "
+                          "Put back the run's own checkpoint or configs (options that may change on a resume "
+                          "are given as flags, e.g. --max-steps), or train into another --run-dir")
 
 
 def check_same_run(stored_model: dict, stored_train: dict, model_config: NVAEConfig, cfg: TrainConfig,
@@ -181,7 +226,25 @@ def check_output(path: Union[str, Path], suffix: str) -> Path:
         raise ValueError(f"refusing to write over {path}: it belongs to a run; choose another --output")
     if path.suffix != suffix:
         raise ValueError(f"the output {path} should end in {suffix} (the file this command writes)")
+    _check_writable(path)
     return path
+
+
+def _check_writable(path: Path) -> None:
+    """A clear error now, before the work, when ``path`` could not be written at the end: its folder (or the
+    nearest one that exists, which the write would create the rest in) is not writable, or the file there is
+    read-only."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"the output {path} cannot be written: {folder} is not a folder; choose another --output")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"the output {path} cannot be written: the folder {folder} is not writable; make it "
+                         "writable (chmod u+w) or choose another --output")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"the output {path} cannot be replaced: the file is read-only; make it writable "
+                         "(chmod u+w) or choose another --output")
 
 
 def write_configs(run_dir: Path, model_config: NVAEConfig, cfg: TrainConfig) -> None:
@@ -285,7 +348,8 @@ class RunLog:
         self.writer = self.handler = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.handler = logging.FileHandler(run_dir / "log.txt")
+            _refuse_symlinked_events(run_dir)
+            self.handler = _NoFollowFileHandler(run_dir / "log.txt")
             self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             log.addHandler(self.handler)
             log.setLevel(logging.INFO)
@@ -326,9 +390,9 @@ class RunLog:
             x = prepare_batch(fixed, model.config, gen)
             recon = model.output_distribution(model(x, temperature=0.0).logits).mean()
         pairs = torch.stack([x, recon], dim=1).flatten(0, 1)
-        for name, images in (("samples", samples), ("reconstructions", pairs)):
-            save_grid(images, self.run_dir / f"{name}.png")
-            self.writer.add_image(name, make_grid(images, nrow=8), step)
+        for name, images, nrow in (("samples", samples, 8), ("reconstructions", pairs, pair_columns(len(x)))):
+            save_grid(images, self.run_dir / f"{name}.png", nrow=nrow)
+            self.writer.add_image(name, make_grid(images, nrow=nrow), step)
 
     def close(self) -> None:
         if self.enabled:
@@ -337,12 +401,51 @@ class RunLog:
             self.handler.close()
 
 
-def save_grid(images: torch.Tensor, path: Path, min_side: int = 128) -> None:
-    """A PNG grid, scaled up (nearest) so small images stay visible; written atomically."""
+class _NoFollowFileHandler(logging.FileHandler):
+    """A ``FileHandler`` that appends to its file only if the file is not a symbolic link: resuming a run whose
+    ``log.txt`` links elsewhere must not write into the link's target (``O_NOFOLLOW`` where the system has it,
+    so the check and the open are one step)."""
+
+    def _open(self):
+        path = Path(self.baseFilename)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        if path.is_symlink():   # the check where O_NOFOLLOW is missing, and the clear error where it is not
+            raise _symlink_error(path)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError:
+            if path.is_symlink():   # made between the check and the open: O_NOFOLLOW refused it
+                raise _symlink_error(path) from None
+            raise
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
+def _symlink_error(path: Path) -> RunDirError:
+    return RunDirError(f"{path} is a symbolic link; a run writes only its own files, never through a link. "
+                       "Replace it with a plain file (or remove it), or train into another --run-dir")
+
+
+def _refuse_symlinked_events(run_dir: Path) -> None:
+    """A :class:`RunDirError` when ``run_dir`` holds a TensorBoard events file that is a symbolic link.
+    SummaryWriter names each new file after the time, host and process, so it never opens an existing one; a
+    linked one in the run is still refused, as it says the folder is not only the run's."""
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        if events.is_symlink():
+            raise _symlink_error(events)
+
+
+def pair_columns(n_pairs: int) -> int:
+    """Grid columns for ``n_pairs`` (input, reconstruction) pairs: even, so no pair wraps across rows."""
+    return 2 * max(1, int(math.sqrt(n_pairs)))
+
+
+def save_grid(images: torch.Tensor, path: Path, min_side: int = 128, nrow: Optional[int] = None) -> None:
+    """A PNG grid, ``nrow`` images per row (default: square), scaled up (nearest) so small images stay
+    visible; written atomically."""
     scale = max(1, min_side // (images.shape[-1] * 8))
     if scale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    save_png(images, path, nrow=int(math.sqrt(images.shape[0])), padding=1)
+    save_png(images, path, nrow=nrow or int(math.sqrt(images.shape[0])), padding=1)
 
 
 # ------------------------------------------------------------------ reading back
@@ -369,8 +472,28 @@ def load_weights(path: Union[str, Path, OpenedCheckpoint], device: Union[str, to
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     source = open_checkpoint(path)
+    disagreement = config_disagreement(source)
+    if disagreement:   # (with no handler set up, as in the commands, logging prints it to stderr)
+        logging.getLogger("nvae").warning("nvae: warning: %s", disagreement)
     model, used = source.model(weights, device)
     return LoadedModel(speedups.apply(model), source.path, used, source)
+
+
+def config_disagreement(source: OpenedCheckpoint) -> Optional[str]:
+    """Where the ``model_config.json`` beside one of our checkpoints disagrees with the checkpoint's own
+    config (one line), or None: the checkpoint's weights decide what is computed, not the file."""
+    path = source.path.parent / "model_config.json"
+    if source.kind != "ours" or not isinstance(source.state.get("config"), dict) or not path.is_file():
+        return None
+    try:
+        on_disk = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{path} cannot be read ({e}); the model comes from {source.path}"
+    diff = config_differences(source.state["config"], on_disk, NVAEConfig, path) if isinstance(on_disk, dict) else []
+    if not diff:
+        return None
+    return (f"{path} disagrees with {source.path} ({'; '.join(diff)}); "
+            f"the checkpoint's weights and config are used")
 
 
 def load_any(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
