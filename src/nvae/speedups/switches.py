@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ class Speedups:
 
     def __post_init__(self):
         if not isinstance(self.checkpointing, bool):
-            object.__setattr__(self, "checkpointing", tuple(cell_roles(self.checkpointing)))
+            object.__setattr__(self, "checkpointing", tuple(sorted(cell_roles(self.checkpointing))))
 
 
 #: What training, the loaders and the command line run with.
@@ -110,17 +110,12 @@ def enabled(model: nn.Module) -> Speedups:
     separable = [m for m in modules if isinstance(m, InvertedResidual)]
     regular = [m for m in modules if isinstance(m, ResConv)]
     checkpointed = memory.checkpointed_roles(model)
-    all_roles = [r for r in checkpointed]
-    roles = tuple(r for r in all_roles if checkpointed[r])
+    roles = tuple(r for r, on in checkpointed.items() if on)
     return Speedups(
         forward_weights=any(isinstance(m, memory._ForwardWeight) for m in modules),
         small_map_depthwise=any(isinstance(m, DepthwiseConv2d) for m in modules),
         folded_eval=any(isinstance(m, SeparableCell) and m.folded_eval for m in separable),
         recompute_bn=any(isinstance(m, memory.LeanResConv) for m in regular)
         or any(isinstance(m, SeparableCell) and m.recompute_bn for m in separable),
-        checkpointing=True if roles and len(roles) == len(all_roles) else (roles or False))
+        checkpointing=True if roles and len(roles) == len(checkpointed) else (roles or False))
 
-
-def describe(speedups: Speedups) -> Sequence[str]:
-    """The names of the switches that are on, for logs."""
-    return [f.name for f in dataclasses.fields(speedups) if getattr(speedups, f.name)]
