@@ -94,6 +94,11 @@ def load_official(cls, path: Union[str, Path], map_location="cpu"):
     ckpt = safe_load(path, map_location, allowed_globals=[argparse.Namespace])
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "args" not in ckpt:
         raise CheckpointError(f"{path} is not an official NVAE checkpoint (no 'state_dict' and 'args')")
+    return official_model(cls, ckpt).to(map_location).eval()
+
+
+def official_model(cls, ckpt: dict):
+    """A model of class ``cls`` holding the weights of ``ckpt``, an official checkpoint's dict as read."""
     model = cls(config_from_args(ckpt["args"]))
     model.load_state_dict(convert_state_dict(ckpt["state_dict"], model), strict=False)
     # The official code keeps no record of data-dependent initialisation; a trained
@@ -101,7 +106,7 @@ def load_official(cls, path: Union[str, Path], map_location="cpu"):
     for name, buf in model.named_buffers():
         if name.endswith(".init_done"):
             buf.fill_(True)
-    return model.to(map_location).eval()
+    return model
 
 
 #: Official ``--dataset`` names and our data sets.

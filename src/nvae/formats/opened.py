@@ -18,7 +18,7 @@ import torch
 
 from ..config import NVAEConfig
 from .checkpoint import CheckpointError, check_ours, safe_load, upgrade
-from .official import OFFICIAL_DATASETS, config_from_args, convert_state_dict
+from .official import OFFICIAL_DATASETS, config_from_args, official_model
 
 #: What :meth:`OpenedCheckpoint.model` may be asked for: the EMA when there is one, the EMA, or the raw weights.
 WEIGHTS = ("auto", "ema", "raw")
@@ -93,15 +93,10 @@ class OpenedCheckpoint:
         if weights == "ema" and self.ema is None:
             raise ValueError(f"{self.path} holds no EMA of the weights (the run was trained without --train "
                              "ema_rate=..., or by the official code); use the raw weights")
+        if self.is_official:
+            return official_model(NVAE, self.state).to(device).eval(), "raw"
         try:
             model = NVAE(self.config)
-            if self.is_official:
-                model.load_state_dict(convert_state_dict(self.state["state_dict"], model), strict=False)
-                # The official code records no data-dependent initialisation; a trained checkpoint has had it.
-                for name, buf in model.named_buffers():
-                    if name.endswith(".init_done"):
-                        buf.fill_(True)
-                return model.to(device).eval(), "raw"
             used = "raw" if weights == "raw" or self.ema is None else "ema"
             model.load_state_dict(self.ema if used == "ema" else upgrade(self.state, model)["state_dict"])
         except (TypeError, ValueError, RuntimeError) as e:
