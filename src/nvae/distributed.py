@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import time
+import uuid
 from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple, Union
@@ -40,22 +43,55 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DEFAULT_TIMEOUT = timedelta(minutes=5)
 
 
-class PeerTimeout(RuntimeError):
+class PeerFailure(RuntimeError):
+    """Another process of the job stopped answering; this one stops too, without writing anything.
+
+    Under ``torchrun --max-restarts N`` that non-zero exit is what lets the agent start the
+    group again, which then continues from the last checkpoint.
+    """
+
+
+class PeerTimeout(PeerFailure):
     """The other processes did not answer within the process group's timeout."""
+
+
+class PeerLost(PeerFailure):
+    """The connection to another process broke: it died (or its machine did)."""
+
+
+#: How a collective says that its peer went away: gloo's socket errors, NCCL's abort, a store whose server is gone.
+_LOST_WORDS = ("connection reset", "connection closed", "connection refused", "broken pipe", "read error",
+               "write error", "socket closed", "nccl communicator was aborted", "connectfullmesh failed")
+
+
+def peer_failure(error: BaseException, ctx: "DistributedContext", what: str) -> Optional[PeerFailure]:
+    """``error`` as a :class:`PeerFailure` saying ``what`` this process was doing, or None when it is
+    another kind of error (a bug, a full disk: those keep their own message)."""
+    if not ctx.enabled or isinstance(error, PeerFailure) or not isinstance(error, RuntimeError):
+        return None
+    text = str(error).lower()
+    where = f"process {ctx.rank} of {ctx.world_size}"
+    if "timed out" in text or "timeout" in text:
+        return PeerTimeout(f"{where} got no answer from the others during {what} within the timeout "
+                           "(--dist-timeout): one of them has stopped or hangs; this process stops without "
+                           "writing anything")
+    if any(w in text for w in _LOST_WORDS):
+        return PeerLost(f"{where} lost another process during {what} (it died, or its machine did); this "
+                        "process stops without writing anything")
+    return None
 
 
 @contextlib.contextmanager
 def waiting_for_peers(what: str, ctx: "DistributedContext"):
-    """Turn a collective's timeout during ``what`` into a :class:`PeerTimeout` that says so."""
+    """Turn a collective's timeout or broken connection during ``what`` into a :class:`PeerFailure`
+    that says so (one line); any other error passes unchanged."""
     try:
         yield
     except RuntimeError as e:
-        text = str(e).lower()
-        if not ctx.enabled or not ("timed out" in text or "timeout" in text):
+        failure = peer_failure(e, ctx, what)
+        if failure is None:
             raise
-        raise PeerTimeout(f"process {ctx.rank} of {ctx.world_size} got no answer from the others during {what} "
-                          "within the timeout (--dist-timeout): one of them has stopped or hangs; this process "
-                          "stops without writing anything") from None
+        raise failure from None
 
 
 # ------------------------------------------------------------------ process group
@@ -179,9 +215,71 @@ def init_distributed(device: Union[str, torch.device] = "cpu", backend: Optional
     device = _local_device(device, local, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), init_method="env://",
-                            rank=rank, world_size=world, timeout=timeout)
-    return DistributedContext(rank, local, world, device, True)
+    if "TORCHELASTIC_RUN_ID" in environ:
+        _stop_with_agent()
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    ctx = DistributedContext(rank, local, world, device, True)
+    with waiting_for_peers("the creation of the process group", ctx):
+        if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = _round_store(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), rank, world, timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    return ctx
+
+
+def _round_store(host: str, port: int, rank: int, world: int, timeout: timedelta) -> "dist.Store":
+    """A part of torchrun's store that only the processes of this start of the group use.
+
+    torchrun's agent keeps one store for the whole job, and a group it restarts
+    (``--max-restarts``) finds the keys of the group before it there: gloo would read a dead
+    process's address and fail, or wait, in ``init_process_group``. The restart count
+    cannot name the part (each agent counts its own restarts), so rank 0 takes a new number
+    from the store and hands it to each other rank, which proves it is of this start by
+    having its own fresh token answered. Every wait ends after ``timeout``.
+    """
+    store = dist.TCPStore(host, port, world_size=world, is_master=False, timeout=timeout)
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank == 0:
+        start = str(store.add("nvae/starts", 1))
+        store.set("nvae/current", start)
+        for other in range(1, world):
+            key = f"nvae/{start}/hello/{other}"
+            store.wait([key], timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+            store.set(f"nvae/{start}/welcome/{store.get(key).decode()}", "1")
+    else:
+        token, greeted = uuid.uuid4().hex, None
+        while True:
+            # Until rank 0 of this start has written its number, "current" is the last start's.
+            start = store.get("nvae/current").decode()
+            if start != greeted:
+                store.set(f"nvae/{start}/hello/{rank}", token)
+                greeted = start
+            if store.check([f"nvae/{start}/welcome/{token}"]):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("timed out waiting for rank 0 to open this start of the group")
+            time.sleep(0.05)
+    return dist.PrefixStore(f"nvae/{start}/group", store)
+
+
+def _stop_with_agent() -> None:
+    """Ask the kernel for a SIGTERM when torchrun's agent, this process's parent, dies (Linux only).
+
+    Without it a killed agent leaves its workers training on, and the rerun of the same
+    command finds the run directory in use; with it they stop as on any SIGTERM: checkpoint, exit.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        log.warning("could not ask to be stopped with torchrun's agent (errno %d)", ctypes.get_errno())
+    elif os.getppid() != parent:   # the agent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _local_device(device: torch.device, local_rank: int, world: int) -> torch.device:

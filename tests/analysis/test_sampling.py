@@ -66,6 +66,20 @@ def test_sample_command_at_temperature_zero_takes_the_prior_means(tmp_path):
     np.testing.assert_allclose(arr, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_sample_command_at_temperature_zero_gives_one_image_for_every_seed_in_colour_too(tmp_path):
+    torch.manual_seed(0)
+    model = NVAE(NVAEConfig.preset("cifar10", num_channels_enc=4, num_channels_dec=4, num_groups_per_scale=2,
+                                   image_size=8)).eval()
+    model.save(tmp_path / "checkpoint.pt")
+    images = {}
+    for t, seed in (("0", "1"), ("0", "2"), ("0.5", "1"), ("0.5", "2")):
+        out = tmp_path / f"t{t}_seed{seed}"
+        assert main(["sample", str(tmp_path), "-n", "2", "-t", t, "--seed", seed, "--out", str(out)]) == 0
+        images[t, seed] = np.load(out / f"samples_t{t}.npz")["images"]
+    assert np.array_equal(images["0", "1"], images["0", "2"])         # no pixel noise at 0 either
+    assert not np.array_equal(images["0.5", "1"], images["0.5", "2"])
+
+
 def test_sample_command_rejects_bad_temperatures(tmp_path, capsys):
     tiny_model().save(tmp_path / "checkpoint.pt")
     assert main(["sample", str(tmp_path), "--temperatures", "0.5,hot"]) == 2

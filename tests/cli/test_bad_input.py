@@ -295,6 +295,25 @@ def test_resuming_a_run_whose_log_is_a_symlink_does_not_write_through_it(tmp_pat
     assert target.read_text() == "not the run's\n"
 
 
+def test_resume_refuses_a_symlinked_log_before_writing_anything(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--max-steps", "1", "--batch-size", "8", "--model",
+                 "num_channels_enc=4", "--model", "num_channels_dec=4", "--final-eval-samples", "0"]) == 0
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("not the run's\n")
+    (run / "log.txt").unlink()
+    (run / "log.txt").symlink_to(target)
+    def run_files():   # the lock notes each holder's PID: every other file must stay as it is
+        return {k: v for k, v in file_listing(run).items() if k != ".nvae.lock"}
+
+    before = run_files()
+    capsys.readouterr()
+    # --max-steps is run control: a resume that went ahead would rewrite train_config.json with it
+    assert main(["train", "--resume", str(run), "--max-steps", "2"]) == 2
+    assert "log.txt is a symbolic link" in capsys.readouterr().err
+    assert run_files() == before and target.read_text() == "not the run's\n"
+
+
 def test_a_symlinked_events_file_is_refused(tmp_path):
     from nvae.training.run_dir import RunDirError, RunLog
     run_dir, target = tmp_path / "run", tmp_path / "elsewhere"

@@ -239,6 +239,20 @@ def test_sample_logits_shape_and_temperature(kw):
             model.sample_logits(2, bad)
 
 
+@pytest.mark.parametrize("decoder", ["mixture", "normal"])
+def test_temperature_0_draws_nothing_not_even_pixel_noise(decoder):
+    cfg = tiny_config(**{**RGB, "decoder": decoder})
+    model = NVAE(cfg).eval()
+    seed = lambda s: torch.Generator().manual_seed(s)   # noqa: E731
+    cold = model.sample(3, 0.0, seed(1))
+    assert torch.equal(cold, model.sample(3, 0.0, seed(2)))               # two seeds, one image
+    assert torch.equal(cold, model.sample(3, [0.0] * cfg.num_groups, seed(3)))
+    assert torch.equal(cold, model.output_distribution(model.sample_logits(3, 0.0)).mean())
+    # any temperature above 0 keeps the pixel noise of p(x|z), and forcing draws at 0 brings it back
+    assert not torch.equal(model.sample(3, 1e-3, seed(1)), model.sample(3, 1e-3, seed(2)))
+    assert not torch.equal(model.sample(3, 0.0, seed(1), mean=False), model.sample(3, 0.0, seed(2), mean=False))
+
+
 @pytest.mark.parametrize("kw", [{}, RGB], ids=["bernoulli", "mixture-flows"])
 def test_sample_images_in_unit_interval(kw):
     cfg = tiny_config(**kw)

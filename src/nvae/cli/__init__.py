@@ -43,9 +43,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"nvae: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from ..distributed import PeerTimeout
+        from ..distributed import PeerFailure
         from ..training.skip_guard import TrainingDiverged
-        if args.debug or not isinstance(e, (TrainingDiverged, PeerTimeout)):
+        if args.debug or not isinstance(e, (TrainingDiverged, PeerFailure)):
             raise
         print(f"nvae: error: {e}", file=sys.stderr)
         return 1

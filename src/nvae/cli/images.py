@@ -181,7 +181,9 @@ def add_parsers(sub) -> None:
     p.add_argument("-n", type=count, default=64,
                    help="number of samples; more than --batch: numbered .npz chunks in samples_T/, resumable")
     p.add_argument("--batch", type=count, default=100, help="samples per chunk (the official evaluation: 100)")
-    p.add_argument("--temperature", "-t", type=temperature_arg, default=None, help=HELP + " (default 1.0)")
+    p.add_argument("--temperature", "-t", type=temperature_arg, default=None,
+                   help=HELP + " (default 1.0). It scales the latents' sigma only: colour images keep p(x|z)'s "
+                   "pixel noise; at 0 nothing is random (prior means, then p(x|z)'s mean)")
     p.add_argument("--temperatures", type=temperatures_arg, default=None,
                    help="several temperatures, one output each: 0.6,0.8,1 or specs separated by ';' "
                         "(0.7;linear:0.6:1)")

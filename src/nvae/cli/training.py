@@ -62,7 +62,22 @@ def _add_config_flags(p: argparse.ArgumentParser, taken) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import os
+    from datetime import timedelta
+
+    from ..config import TrainConfig, parse_overrides
+    from ..distributed import init_distributed
+
+    # Under torchrun the processes join first, so rank 0 alone decides whether --resume auto starts or
+    # continues the run (the others could look while it writes the configs), and that wait is bounded too.
+    timeout = parse_overrides(args.train, TrainConfig).get("dist_timeout_minutes", args.dist_timeout_minutes)
+    ctx = init_distributed(args.device, timeout=timedelta(minutes=timeout or TrainConfig.dist_timeout_minutes))
+    try:
+        return _train_command(args, ctx)
+    finally:
+        ctx.close()
+
+
+def _train_command(args: argparse.Namespace, ctx) -> int:
     from pathlib import Path
 
     from .. import NVAEConfig
@@ -75,7 +90,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if run_dir is None:
             raise ValueError("--resume auto needs the run's directory: nvae train --resume auto --run-dir RUN "
                              "(a directory named auto is given as --resume ./auto)")
-        args.resume = True if holds_run(run_dir) else None
+        args.resume = True if ctx.from_main(holds_run(run_dir)) else None
     if args.resume:
         if isinstance(args.resume, str):
             if run_dir is not None and run_dir.resolve() != Path(args.resume).resolve():
@@ -86,22 +101,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train_over = {**_train_overrides(args), **parse_overrides(args.train, TrainConfig)}
     name, model_cfg, train_cfg = run_configs(args.preset, run_dir if args.resume else None,
                                              parse_overrides(args.model, NVAEConfig), train_over)
-    run_dir = run_dir or new_run_dir(name)
+    # Every process must write into the same folder: rank 0's timestamp names a new one.
+    run_dir = run_dir or ctx.from_main(new_run_dir(name))
     if args.tune_allocator:
         from ..speedups.cpu import tune_cpu_allocator
         tune_cpu_allocator()
-    main_process = os.environ.get("RANK", "0") == "0"   # under torchrun only rank 0 talks
-    if main_process:
+    if ctx.is_main:   # under torchrun only rank 0 talks
         print(f"{'resuming' if args.resume else 'training'} {name} on {train_cfg.dataset} -> {run_dir}")
     try:
         train(model_cfg, train_cfg, run_dir, data_root=args.data, device=args.device, resume=bool(args.resume),
               progress=args.progress)
     except TrainingInterrupted as e:
-        if main_process:
+        if ctx.is_main:
             print(f"nvae: stopped by {e.signal_name} at step {e.step}; checkpoint written to {e.checkpoint}. "
                   f"Continue with: nvae train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
         return 128 + {"SIGTERM": 15, "SIGINT": 2}.get(e.signal_name, 2)
-    if main_process:
+    if ctx.is_main:
         print(f"done: {run_dir / 'checkpoint.pt'}, samples in {run_dir / 'samples.png'}, "
               f"TensorBoard: tensorboard --logdir {shlex.quote(str(run_dir))}")
         final = _final_validation_line(run_dir)

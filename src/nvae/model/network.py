@@ -366,13 +366,16 @@ class NVAE(nn.Module):
         """``n`` images in [0, 1] from the prior at ``temperature``.
 
         Like the official evaluation, binary images show the Bernoulli means and
-        colour images a sample of p(x|z) (pixel noise at temperature 1: the
-        temperature acts on the latents); ``mean=True`` or ``False`` forces one
-        or the other.
+        colour images a sample of p(x|z): the temperature acts on the latents only,
+        the pixel noise stays at temperature 1. Temperature 0 everywhere draws
+        nothing at all: every z at its prior mean and each image p(x|z)'s mean, so
+        every seed gives the same images. ``mean=True`` or ``False`` forces means
+        or draws.
         """
-        dist = self.output_distribution(self.sample_logits(n, temperature, generator))
+        temperatures = per_group(temperature, self.num_groups)
+        dist = self.output_distribution(self.sample_logits(n, temperatures, generator))
         if mean is None:
-            mean = self.config.decoder == "bernoulli"
+            mean = self.config.decoder == "bernoulli" or not any(temperatures)
         return dist.mean() if mean else dist.sample(1.0, generator)
 
     # ------------------------------------------------------------- likelihood

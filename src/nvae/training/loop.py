@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..formats.checkpoint import read_checkpoint
 from ..config import NVAEConfig, TrainConfig
 from ..data import build_dataset, check_images_fit, prepare_batch
-from ..distributed import DistributedContext, init_distributed, waiting_for_peers
+from ..distributed import DistributedContext, init_distributed, peer_failure, waiting_for_peers
 from ..model.network import NVAE
 from ..seeds import sequence_seed
 from .objective import Loss, kl_balance_alpha
@@ -82,7 +82,7 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
     dist_ctx = init_distributed(device, timeout=timedelta(minutes=train_config.dist_timeout_minutes))
     run.is_main = dist_ctx.is_main     # rank 0 owns the folder: the others only read what they resume from
     previous = torch.are_deterministic_algorithms_enabled()
-    log = None
+    log = state = None
     try:
         if train_config.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -107,6 +107,13 @@ def train(model_config: NVAEConfig, train_config: TrainConfig, run_dir: str | Pa
             log.warning("%d unreadable training image(s) were skipped: %s", data.skipped,
                         ", ".join(map(str, list(data.skipped_files)[:10])))
         return state.model.eval()
+    except RuntimeError as e:
+        # A peer that died mid-collective: one line naming the step, so torchrun can restart the group.
+        where = "the start of the run" if state is None else f"the run at step {state.step}"
+        failure = peer_failure(e, dist_ctx, where)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         if log is not None:
             log.close()

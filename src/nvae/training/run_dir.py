@@ -298,6 +298,7 @@ class RunDirectory:
         try:
             if not resume or _file_version(self.checkpoint) != self._seen:
                 stored = checkpoint_to_resume(self.path, model_config, cfg, resume)
+            _refuse_symlinked_log(self.path)     # before anything is written, not when the log opens
         except RunDirError:
             self.lock.release(keep=False)
             raise
@@ -348,7 +349,7 @@ class RunLog:
         self.writer = self.handler = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            _refuse_symlinked_events(run_dir)
+            _refuse_symlinked_log(run_dir)
             self.handler = _NoFollowFileHandler(run_dir / "log.txt")
             self.handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             log.addHandler(self.handler)
@@ -425,13 +426,14 @@ def _symlink_error(path: Path) -> RunDirError:
                        "Replace it with a plain file (or remove it), or train into another --run-dir")
 
 
-def _refuse_symlinked_events(run_dir: Path) -> None:
-    """A :class:`RunDirError` when ``run_dir`` holds a TensorBoard events file that is a symbolic link.
-    SummaryWriter names each new file after the time, host and process, so it never opens an existing one; a
-    linked one in the run is still refused, as it says the folder is not only the run's."""
-    for events in sorted(run_dir.glob("events.out.tfevents.*")):
-        if events.is_symlink():
-            raise _symlink_error(events)
+def _refuse_symlinked_log(run_dir: Path) -> None:
+    """A :class:`RunDirError` when ``log.txt`` or a TensorBoard events file of ``run_dir`` is a symbolic link.
+    (SummaryWriter names each new file after the time, host and process, so it never opens an existing one; a
+    linked one in the run is still refused, as it says the folder is not only the run's. The other files are
+    replaced by a rename, which replaces a link itself, never its target.)"""
+    for path in [run_dir / "log.txt", *sorted(run_dir.glob("events.out.tfevents.*"))]:
+        if path.is_symlink():
+            raise _symlink_error(path)
 
 
 def pair_columns(n_pairs: int) -> int:
