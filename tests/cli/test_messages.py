@@ -53,6 +53,24 @@ def test_train_hints_quote_a_run_dir_with_a_space(spaced_run):
     assert "final validation" not in printed   # --max-steps 1 stops before the final evaluation
 
 
+def test_a_resumed_run_is_announced_by_its_preset_and_what_differs(spaced_run):
+    run, printed = spaced_run
+    assert "training digits on digits" in printed
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", "--resume", str(run), "--max-steps", "2", "--no-progress"]) == 0
+    assert f"resuming digits (num_channels_dec=4, num_channels_enc=4) on digits -> {run}" in out.getvalue()
+
+
+def test_preset_names_of_stored_configs():
+    from nvae import NVAEConfig
+    from nvae.training.run_dir import preset_name
+    assert preset_name(NVAEConfig.preset("cifar10")) == "cifar10"
+    assert preset_name(NVAEConfig.preset("celeba64", num_nf=0)) == "celeba64 (num_nf=0)"
+    assert preset_name(NVAEConfig.preset("ffhq256"), "ffhq256") == "ffhq256"      # one architecture, two names
+    assert preset_name(NVAEConfig.preset("ffhq256"), "celebahq256") == "celebahq256"
+
+
 def test_final_validation_line_reads_validation_final_json(tmp_path):
     assert _final_validation_line(tmp_path) == ""            # no final evaluation ran
     (tmp_path / FINAL_FILE).write_text(json.dumps({"nll": 80.1234567, "bpd": 0.1474, "num_samples": 100,

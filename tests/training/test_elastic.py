@@ -189,7 +189,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_as_if_undisturbed
     # Any step after the first checkpoint, any of the two workers.
     after = random.choice(range(EVERY, STEPS // 2 + 1, EVERY))
     _wait_until(lambda: _checkpoint_step(run) >= after, 120, f"the checkpoint of step {after}")
-    time.sleep(random.uniform(0.0, 0.5))
+    time.sleep(random.uniform(0.0, 0.3))
     victim = random.choice(_children(agent.pid))
     os.kill(victim, signal.SIGKILL)
     text = _finish(agent, out)

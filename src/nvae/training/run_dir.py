@@ -22,7 +22,7 @@ import torch
 from ..formats.checkpoint import CheckpointError, atomic_write, read_checkpoint, save_png
 from .. import speedups
 # RUN_CONTROL: the options a resumed run may change, from TrainConfig's field metadata
-from ..config import RUN_CONTROL, TRAIN_PRESETS, NVAEConfig, TrainConfig
+from ..config import PRESETS, RUN_CONTROL, TRAIN_PRESETS, NVAEConfig, TrainConfig
 from ..data import prepare_batch
 from ..model.network import NVAE, training_mode
 from ..formats.opened import WEIGHTS, OpenedCheckpoint, open_checkpoint
@@ -154,11 +154,25 @@ def run_configs(preset: Optional[str], resume_dir: Optional[Path], model_overrid
         stored_model, stored_train, _ = stored_run_configs(resume_dir)
         stored_train = {k: v for k, v in stored_train.items() if k != "allow_data_change"}   # asked anew each time
         model_cfg = dataclasses.replace(NVAEConfig.from_dict(stored_model), **model_overrides)
-        return "run", model_cfg, TrainConfig.from_dict({**stored_train, **train_overrides})
+        return preset_name(model_cfg, stored_train.get("dataset")), model_cfg, TrainConfig.from_dict({**stored_train, **train_overrides})
     name = preset or "digits"
     base = TrainConfig.preset(name) if name in TRAIN_PRESETS else TrainConfig()
     return name, NVAEConfig.preset(name, **model_overrides), TrainConfig.from_dict({**base.to_dict(),
                                                                                      **train_overrides})
+
+
+def preset_name(config: NVAEConfig, dataset: Optional[str] = None) -> str:
+    """The preset ``config`` is, or the nearest one with the fields that differ (``digits (num_channels_enc=4)``):
+    how a resumed run, whose checkpoint records configs but not the preset's name, is announced. Of presets
+    that fit equally (``celebahq256`` and ``ffhq256`` are one architecture) the one named as ``dataset`` wins."""
+    mine = config.to_dict()
+    differences = {}
+    for name, preset in PRESETS.items():
+        theirs = preset.to_dict()
+        differences[name] = {k: v for k, v in mine.items() if theirs.get(k) != v}
+    name = min(differences, key=lambda n: (len(differences[n]), n != dataset))
+    changed = differences[name]
+    return name if not changed else f"{name} ({', '.join(f'{k}={v}' for k, v in sorted(changed.items()))})"
 
 
 def new_run_dir(name: str) -> Path:
