@@ -1,8 +1,10 @@
 """Data sets through one interface: shapes, ranges, splits, flips, quantisation and clear errors."""
 import io
+import os
 import pickle
+import subprocess
 import sys
-import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +46,12 @@ def _asymmetric(w=16, h=16):
     """An RGB image whose mirror image differs from it: a left-to-right ramp."""
     ramp = np.tile(np.linspace(0, 255, w).astype(np.uint8), (h, 1))
     return Image.fromarray(np.stack([ramp, ramp, ramp], -1))
+
+
+def _skip_lines(caplog) -> list:
+    """The skipped-image warnings logged so far in this test, one message each."""
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("nvae.data") and "skipping unreadable image" in r.getMessage()]
 
 
 def _encoded(img, fmt="PNG"):
@@ -260,11 +268,10 @@ def test_generic_folder_has_no_flips_by_default(tmp_path):
 
 
 # ------------------------------------------------------------------ folder
-def test_folder_finds_converts_and_skips(messy_folder):
-    with pytest.warns(UserWarning) as caught:
-        both = [build_dataset("folder", s, str(messy_folder), image_size=12, channels=c, scan="load")
-                for s in ("train", "test") for c in (1, 3)]
-    named = " ".join(str(w.message) for w in caught)
+def test_folder_finds_converts_and_skips(messy_folder, caplog):
+    both = [build_dataset("folder", s, str(messy_folder), image_size=12, channels=c, scan="load")
+            for s in ("train", "test") for c in (1, 3)]
+    named = " ".join(_skip_lines(caplog))
     for bad in ("broken.png", "cut.jpeg", "fake.png"):
         assert bad in named
     assert "notes.txt" not in named and ".hidden" not in named
@@ -279,6 +286,58 @@ def test_folder_finds_converts_and_skips(messy_folder):
     # the 16-bit grey image is rescaled, not clipped to white
     i = train_rgb.keys.index("b/deep16.png")
     assert 0.05 < train_grey[i][0].mean().item() < 0.95
+
+
+def _folder_with_one_corrupt_image(root) -> Path:
+    """``root/train``: four images and ``bad.png`` (text, not an image); ``root/test``: one image. bad.png's path."""
+    for split, n in (("train", 4), ("test", 1)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            _rgb(8, 8, i).save(root / split / f"{i}.png")
+    (root / "train" / "bad.png").write_text("not an image")
+    return root / "train" / "bad.png"
+
+
+def test_a_skipped_image_is_one_log_line_naming_the_file_and_why(tmp_path, caplog):
+    bad = _folder_with_one_corrupt_image(tmp_path)
+    ds = build_dataset("folder", "train", str(tmp_path), image_size=8)
+    assert len(ds) == 4 and ds.skipped_files == [str(bad)]
+    (record,) = [r for r in caplog.records if r.name.startswith("nvae.data")]
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == f"nvae: warning: skipping unreadable image {bad} (cannot identify image file)"
+    assert record.exc_info is None and record.stack_info is None
+
+
+_SKIPS_TO_STDERR = """
+import sys
+from nvae.data import build_dataset
+build_dataset("folder", "train", sys.argv[1], image_size=8)
+if len(sys.argv) > 2:
+    build_dataset("lmdb", "train", sys.argv[2], image_size=8)
+"""
+
+
+def test_skip_warnings_reach_stderr_as_bare_lines(tmp_path):
+    """What a user sees without any logging set up (as under the commands): one line per skipped image, naming
+    the file (or LMDB and key) and why, with no source location, no source line and no in-memory buffer."""
+    bad = _folder_with_one_corrupt_image(tmp_path / "folder")
+    argv = [sys.executable, "-c", _SKIPS_TO_STDERR, str(tmp_path / "folder")]
+    expected = [f"nvae: warning: skipping unreadable image {bad} (cannot identify image file)"]
+    if HAVE_LMDB:
+        write_lmdb([_rgb(8, 8, i) for i in range(3)] + [b"garbage"], tmp_path / "db" / "train")
+        write_lmdb([_rgb(8, 8, 9)], tmp_path / "db" / "val")
+        argv.append(str(tmp_path / "db"))
+        expected.append(f"nvae: warning: skipping unreadable image {tmp_path / 'db' / 'train'}[3] "
+                        "(cannot identify image file)")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert [line for line in lines if "skipping" in line] == expected
+    assert "<_io.BytesIO" not in done.stderr and "object at 0x" not in done.stderr
+    assert ".py:" not in done.stderr and "Warning:" not in done.stderr   # no file:line: Category: of warnings
+    assert not any(line.startswith((" ", "\t")) for line in lines)      # no source line below it
 
 
 def test_folder_held_out_split_is_deterministic(tmp_path):
@@ -305,7 +364,7 @@ def test_folder_uses_train_and_test_subfolders(tmp_path):
         train[4]
 
 
-def test_truncated_jpeg_missed_by_verify_is_skipped_when_loaded(tmp_path):
+def test_truncated_jpeg_missed_by_verify_is_skipped_when_loaded(tmp_path, caplog):
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()
     _rgb(8, 8).save(tmp_path / "test" / "ok.png")
@@ -313,21 +372,19 @@ def test_truncated_jpeg_missed_by_verify_is_skipped_when_loaded(tmp_path):
     good = _rgb(8, 8, 9)
     good.save(tmp_path / "train" / "b_ok.png")
     ds = build_dataset("folder", "train", str(tmp_path), image_size=8)   # default scan: verify
-    assert len(ds) == 2 and ds.skipped == 0
-    with pytest.warns(UserWarning, match="a_cut.jpg"):
-        x = ds[0][0]
+    assert len(ds) == 2 and ds.skipped == 0 and _skip_lines(caplog) == []
+    x = ds[0][0]
+    assert ["a_cut.jpg (image file is truncated" in line for line in _skip_lines(caplog)] == [True]
     assert torch.equal(x, torch.from_numpy(np.array(good)).permute(2, 0, 1) / 255)   # the next readable one
     assert ds.skipped == 1 and ds.skipped_files[0].endswith("a_cut.jpg")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ds[0]   # warned once per file
-    assert ds.skipped == 1
+    ds[0]
+    assert len(_skip_lines(caplog)) == 1 and ds.skipped == 1   # warned once per file
     strict = build_dataset("folder", "train", str(tmp_path), image_size=8, strict=True)
     with pytest.raises(DataError, match="cannot read image .*a_cut.jpg"):
         strict[0]
 
 
-def test_folder_errors(tmp_path, messy_folder):
+def test_folder_errors(tmp_path, messy_folder, caplog):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "notes.txt").write_text("x")
@@ -350,8 +407,9 @@ def test_folder_errors(tmp_path, messy_folder):
     bad.mkdir()
     for i in range(3):
         (bad / f"{i}.png").write_text("nope")
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="could be read"):
+    with pytest.raises(DataError, match="could be read"):
         build_dataset("folder", "train", str(bad), image_size=5)
+    assert sum(str(bad) in line for line in _skip_lines(caplog)) == 2   # 2 training images, each warned about
 
 
 def test_strict_refuses_wrong_channel_count(tmp_path):
@@ -414,17 +472,19 @@ def test_lmdb_roundtrip_and_held_out_split(tmp_path):
 
 
 @needs_lmdb
-def test_lmdb_splits_named_sets_and_bad_records(tmp_path):
+def test_lmdb_splits_named_sets_and_bad_records(tmp_path, caplog):
     write_lmdb([_rgb(32, 32, i) for i in range(3)] + [b"garbage"], tmp_path / "train.lmdb")
     write_lmdb([_rgb(32, 32, 9)], tmp_path / "val")
-    with pytest.warns(UserWarning, match=r"train.lmdb\[3\]"):
-        train = build_dataset("lmdb", "train", str(tmp_path), image_size=32)
+    train = build_dataset("lmdb", "train", str(tmp_path), image_size=32)
+    line = f"nvae: warning: skipping unreadable image {tmp_path / 'train.lmdb'}[3] (cannot identify image file)"
+    assert _skip_lines(caplog) == [line]
     assert len(train) == 3 and train.skipped == 1
     assert len(build_dataset("lmdb", "test", str(tmp_path), image_size=32)) == 1
     ds = build_dataset("imagenet32", "train", str(tmp_path))   # named sets read LMDBs as well; scan off
     assert len(ds) == 4
-    with pytest.warns(UserWarning, match="garbage|cannot identify"):
-        _check_items(ds, (3, 32, 32))
+    caplog.clear()
+    _check_items(ds, (3, 32, 32))
+    assert len(_skip_lines(caplog)) == 1 and "train.lmdb[3] (cannot identify image file)" in caplog.text
     with pytest.raises(DataError, match="cannot read"):
         build_dataset("imagenet32", "train", str(tmp_path), strict=True)[3]
 

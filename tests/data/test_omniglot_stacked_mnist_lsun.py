@@ -147,19 +147,24 @@ def _idx(path, array, code):
         f.write(array.astype(np.uint8).tobytes())
 
 
-@pytest.fixture
-def fake_mnist(tmp_path):
-    """torchvision's raw MNIST layout with 7 training and 4 test digits."""
-    raw = tmp_path / "MNIST" / "raw"
+def _write_mnist(root, folder="MNIST", seed=1) -> dict:
+    """A tiny raw MNIST (7 training and 4 test digits) in ``root/folder/raw``: {split: (digits, labels)}."""
+    raw = root / folder / "raw"
     raw.mkdir(parents=True)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     splits = {}
     for prefix, n in (("train", 7), ("t10k", 4)):
         images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
         _idx(raw / f"{prefix}-images-idx3-ubyte", images, 3)
         _idx(raw / f"{prefix}-labels-idx1-ubyte", labels, 1)
         splits["train" if prefix == "train" else "test"] = (images.astype(np.uint8), labels)
-    return tmp_path, splits
+    return splits
+
+
+@pytest.fixture
+def fake_mnist(tmp_path):
+    """torchvision's raw MNIST layout with 7 training and 4 test digits."""
+    return tmp_path, _write_mnist(tmp_path)
 
 
 def _official_stack(digits, triple):
@@ -199,9 +204,31 @@ def test_stacked_mnist_triples_are_two_permutations_per_channel():
     assert not np.array_equal(t[:, 0], t[:, 1]) and not np.array_equal(t[:n, 0], t[n:, 0])
 
 
+@pytest.mark.parametrize("folder", ["MNIST", "StackedMNIST"])   # torchvision's layout, the official code's
+def test_stacked_mnist_is_found_in_either_raw_folder(tmp_path, folder):
+    splits = _write_mnist(tmp_path, folder)
+    for split, (digits, _) in splits.items():
+        ds = build_dataset("stacked_mnist", split, str(tmp_path))
+        assert len(ds) == 2 * len(digits) and torch.equal(ds.digits, torch.from_numpy(digits))
+        assert torch.equal(ds[3][0], _official_stack(digits, ds.triples[3].tolist()))
+
+
+def test_stacked_mnist_reads_mnist_when_both_folders_hold_it(tmp_path):
+    ours = _write_mnist(tmp_path, "MNIST", seed=1)
+    official = _write_mnist(tmp_path, "StackedMNIST", seed=2)
+    ds = build_dataset("stacked_mnist", "test", str(tmp_path))
+    assert torch.equal(ds.digits, torch.from_numpy(ours["test"][0]))
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()   # an incomplete MNIST/raw is passed over
+    ds = build_dataset("stacked_mnist", "test", str(tmp_path))
+    assert torch.equal(ds.digits, torch.from_numpy(official["test"][0]))
+
+
 def test_stacked_mnist_missing_mnist(tmp_path):
-    with pytest.raises(DataError, match="MNIST not found under .*MNIST/raw"):
+    with pytest.raises(DataError) as missing:
         build_dataset("stacked_mnist", "train", str(tmp_path))
+    message = str(missing.value)
+    assert message.startswith(f"MNIST not found under {tmp_path}") and "\n" not in message
+    assert str(tmp_path / "MNIST" / "raw") in message and str(tmp_path / "StackedMNIST" / "raw") in message
     with pytest.raises(DataError, match="only as 3 channel"):
         build_dataset("stacked_mnist", "train", str(tmp_path), channels=1)
 
@@ -218,6 +245,18 @@ def test_stacked_mnist_on_real_mnist():
         assert torch.equal(ds[i][0], _official_stack(pil, [0, 1, 2]))
         assert ds.labels[i] == sum(int(mnist[j][1]) * 10 ** (2 - c) for c, j in enumerate(triple))
     assert len(build_dataset("stacked_mnist", "train", str(DATA))) == 120000
+
+
+@needs_shared("data", "MNIST", "raw")
+def test_stacked_mnist_on_real_mnist_in_the_official_layout(tmp_path):
+    raw = tmp_path / "StackedMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (DATA / "MNIST" / "raw").iterdir():
+        (raw / f.name).symlink_to(f.resolve())
+    official = build_dataset("stacked_mnist", "test", str(tmp_path))
+    ours = build_dataset("stacked_mnist", "test", str(DATA))
+    assert len(official) == 20000 and torch.equal(official.digits, ours.digits)
+    assert torch.equal(official.labels, ours.labels) and torch.equal(official[123][0], ours[123][0])
 
 
 # ------------------------------------------------------------------------------------------------ LSUN
@@ -350,9 +389,15 @@ def test_lsun_unreadable_record(tmp_path, caplog):
     ds = build_dataset("lsun_tower64", "test", str(root), image_size=8)
     with caplog.at_level("WARNING"):
         (x,) = ds[0]          # the bad record is skipped: the next one comes back
-    assert torch.equal(x, ds[1][0]) and ds.skipped == 1 and "b'a'" in caplog.text
+        ds[0]                 # ... and warned about once
+    assert torch.equal(x, ds[1][0]) and ds.skipped == 1
+    db = (root / "tower_val_lmdb").resolve()
+    assert ds.skipped_files == [f"{db}[b'a']"]   # what training lists at its end
+    assert [r.getMessage() for r in caplog.records] == [
+        f"nvae: warning: skipping unreadable image {db}[b'a'] (cannot identify image file)"]
     strict = LSUNImages(root / "tower_val_lmdb", lsun_transform(8, train=False), strict=True)
-    with pytest.raises(DataError, match=r"record b'a' of .*tower_val_lmdb is not a readable image"):
+    with pytest.raises(DataError, match=r"record b'a' of .*tower_val_lmdb is not a readable image "
+                                        r"\(cannot identify image file\)$"):
         strict[0]
 
 

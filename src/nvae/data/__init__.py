@@ -25,10 +25,11 @@ Options (``None`` always means "the data set's default"):
                 non-images and most damaged PNGs, not truncated JPEGs); ``"load"``
                 decodes every file (finds everything, reads all the data); ``"none"``
                 defers to loading. Whatever the scan misses is caught when an item is
-                loaded: it is skipped (warned, counted, the next readable image is
-                returned) or, with ``strict``, raises. Default ``"verify"`` for
-                ``folder`` and ``lmdb`` (user data, often small and messy) and
-                ``"none"`` for the large curated sets.
+                loaded: it is skipped (warned about once, in one line on the logger
+                ``nvae.data.sources`` naming the file or the LMDB and key, and why;
+                counted; the next readable image is returned) or, with ``strict``,
+                raises. Default ``"verify"`` for ``folder`` and ``lmdb`` (user data,
+                often small and messy) and ``"none"`` for the large curated sets.
 
 Image sources (``folder``, ``lmdb`` and the named image sets): a split is read from
 an image folder or an LMDB (see :func:`write_lmdb` for the record layout). The

@@ -12,7 +12,9 @@ official transform chain); the pixels are kept as ``uint8`` and converted per it
   image (1,000 modes), twice as many images as the MNIST split. The official code
   draws the triples from unseeded permutations, so every process and every run
   sees different images; ours come from a generator seeded with
-  :data:`STACKED_MNIST_SEED`, the same pairing everywhere.
+  :data:`STACKED_MNIST_SEED`, the same pairing everywhere. MNIST is read from
+  ``DIR/MNIST/raw`` (torchvision's layout) or ``DIR/StackedMNIST/raw`` (the official
+  code's, whose MNIST subclass gives the folder its name).
 """
 from __future__ import annotations
 
@@ -162,16 +164,40 @@ class StackedMNIST(Dataset):
         return (_to_unit(self.digits[self.triples[i]]),)
 
 
+#: Folders under ``--data DIR`` whose ``raw/`` may hold MNIST for Stacked MNIST, in order of preference:
+#: torchvision's ``MNIST`` (shared with the ``mnist`` data set), then ``StackedMNIST``, where the official
+#: code's MNIST subclass of that name reads and downloads it (torchvision names the folder after the class).
+STACKED_MNIST_FOLDERS = ("MNIST", "StackedMNIST")
+
+
+def _load_mnist_for_stacking(path: Path, train: bool, download: bool):
+    """torchvision's MNIST split from the first of ``DIR/MNIST/raw`` and ``DIR/StackedMNIST/raw`` that holds
+    it; with neither, downloaded into ``DIR/MNIST/raw`` when ``download``, else a :class:`DataError`."""
+    from torchvision import datasets
+    for folder in STACKED_MNIST_FOLDERS:
+        # torchvision reads DIR/<class name>/raw: a subclass named after the folder reads that folder.
+        cls = datasets.MNIST if folder == "MNIST" else type(folder, (datasets.MNIST,), {})
+        try:
+            return cls(str(path), train=train)
+        except RuntimeError:   # torchvision's "Dataset not found": try the next folder
+            continue
+    if download:
+        try:
+            return datasets.MNIST(str(path), train=train, download=True)
+        except RuntimeError as e:   # every mirror failed
+            raise DataError(f"could not download MNIST into {path / 'MNIST' / 'raw'} ({e}); put the idx files "
+                            "there by hand") from None
+    looked = " nor ".join(str(path / folder / "raw") for folder in STACKED_MNIST_FOLDERS)
+    raise DataError(f"MNIST not found under {path}: neither {looked} holds the four idx files "
+                    "(train-images-idx3-ubyte, ...); point --data at the folder holding MNIST/raw or "
+                    "StackedMNIST/raw, or download it (download=True)")
+
+
 @register("stacked_mnist", shape=(3, 32, 32))
 def _stacked_mnist(split: str, root=None, download=False) -> Dataset:
-    """Stacked MNIST from torchvision's MNIST under ``--data DIR`` (``DIR/MNIST/raw``); 120,000 training
-    and 20,000 test images, paired with the fixed seed :data:`STACKED_MNIST_SEED`. No binarisation and
-    no flips: a colour 8-bit set for the logistic-mixture decoder, as in the official code."""
-    from torchvision import datasets
-    path = _data_dir(root, "stacked_mnist")
-    try:
-        mnist = datasets.MNIST(str(path), train=split == "train", download=download)
-    except RuntimeError as e:
-        raise DataError(f"MNIST not found under {path} ({e}); point --data at the folder holding MNIST/raw, "
-                        "or download it (download=True)") from None
+    """Stacked MNIST from torchvision's MNIST under ``--data DIR``: ``DIR/MNIST/raw`` or, as the official code
+    lays it out, ``DIR/StackedMNIST/raw`` (``MNIST`` is read when both hold it); 120,000 training and 20,000
+    test images, paired with the fixed seed :data:`STACKED_MNIST_SEED`. No binarisation and no flips: a
+    colour 8-bit set for the logistic-mixture decoder, as in the official code."""
+    mnist = _load_mnist_for_stacking(_data_dir(root, "stacked_mnist"), split == "train", download)
     return StackedMNIST(mnist.data, mnist.targets)

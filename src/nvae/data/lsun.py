@@ -20,9 +20,8 @@ workers to copy), and nothing is written anywhere.
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -30,8 +29,7 @@ from torch.utils.data import Dataset
 from .binary import _data_dir
 from .registry import DataError, register
 from .lmdb_store import shared_env
-
-log = logging.getLogger(__name__)
+from .sources import unreadable_reason, warn_skipped
 
 #: nvae's short category name -> LSUN's.
 LSUN_CATEGORIES = {"church": "church_outdoor", "bedroom": "bedroom", "tower": "tower"}
@@ -68,8 +66,10 @@ def _keys(env) -> np.ndarray:
 class LSUNImages(Dataset):
     """The images of one LSUN LMDB through ``transform``: ``(image,)``.
 
-    An unreadable record is warned about and the next readable one returned, or,
-    with ``strict``, raises :class:`DataError` naming the record.
+    An unreadable record is warned about once (:func:`~nvae.data.sources.warn_skipped`,
+    naming the LMDB and the key), counted in ``skipped`` and listed in ``skipped_files``,
+    and the next readable one returned; with ``strict`` it raises :class:`DataError`
+    naming the record.
     """
 
     def __init__(self, path, transform, strict: bool = False):
@@ -81,31 +81,38 @@ class LSUNImages(Dataset):
         self.keys = _keys(_env(self.path))
         if len(self.keys) == 0:
             raise DataError(f"LSUN LMDB {self.path} holds no images; download it again")
-        self.skipped = 0
+        self.skipped_files: List[str] = []
+
+    @property
+    def skipped(self) -> int:
+        """How many unreadable records this process has met."""
+        return len(self.skipped_files)
 
     def __len__(self):
         return len(self.keys)
 
-    def _image(self, i: int):
+    def _image(self, key: bytes):
         from PIL import Image
-        key = bytes(self.keys[i])
         with _env(self.path).begin() as txn:
             data = txn.get(key)
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB")
-        except Exception as e:   # PIL raises many kinds on bad data; None (a vanished key) a TypeError
-            raise DataError(f"record {key!r} of {self.path} is not a readable image ({type(e).__name__}: {e})")
+        with Image.open(io.BytesIO(data)) as img:   # a vanished key (None) raises a TypeError here
+            return img.convert("RGB")
 
     def __getitem__(self, i):
         for j in range(len(self.keys)):
+            key = bytes(self.keys[(i + j) % len(self.keys)])
             try:
-                return (self.transform(self._image((i + j) % len(self.keys))),)
-            except DataError as e:
+                img = self._image(key)
+            except Exception as e:   # PIL raises OSError, SyntaxError, ValueError, ... for damaged data
                 if self.strict:
-                    raise
-                self.skipped += 1
-                log.warning("%s; skipped", e)
+                    raise DataError(f"record {key!r} of {self.path} is not a readable image "
+                                    f"({unreadable_reason(e)})") from None
+                name = f"{self.path}[{key!r}]"
+                if name not in self.skipped_files:
+                    self.skipped_files.append(name)
+                    warn_skipped(name, e)
+                continue
+            return (self.transform(img),)
         raise DataError(f"no record of {self.path} is a readable image")
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
-import warnings
+import re
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -23,6 +24,31 @@ SPLIT_DIRS = {"train": ("train",), "test": ("test", "val", "valid", "validation"
 
 #: Fraction of a split-less source held out as the test split (at least one image).
 HELD_OUT = 0.05
+
+log = logging.getLogger(__name__)
+
+# What PIL says about an in-memory file it cannot identify: "... <_io.BytesIO object at 0x7f...>".
+_OBJECT_AT = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def unreadable_reason(e: BaseException) -> str:
+    """Why an image could not be read, in a few words: the error's text without the in-memory buffer PIL
+    names. The type is left out for OSError and SyntaxError (PIL's ways of saying "damaged data", such as
+    ``broken PNG file``) and kept for anything else."""
+    text = " ".join(_OBJECT_AT.sub("", str(e)).split())   # one line, whatever the error's text holds
+    if text and isinstance(e, (OSError, SyntaxError)):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def warn_skipped(name: str, why: BaseException) -> None:
+    """The one line said about a skipped unreadable image: its ``name`` (path, or LMDB and key) and why.
+
+    Logged (logger ``nvae.data.sources``) rather than raised as a Python warning: the fix is in the data,
+    not in the calling code, and a log line carries no source-code location. With no logging set up, as in
+    the commands, Python prints the line alone to stderr.
+    """
+    log.warning("nvae: warning: skipping unreadable image %s (%s)", name, unreadable_reason(why))
 
 
 class _FileSource:
@@ -129,10 +155,11 @@ class ImageDataset(Dataset):
     """Encoded images (files or LMDB records) decoded by PIL and passed through ``transform``.
 
     Yields ``(image,)``. Unreadable images are found by ``scan`` at construction
-    and, failing that, when loaded; each is warned about by name and counted in
-    ``skipped`` (and listed in ``skipped_files``), or raises :class:`DataError`
-    when ``strict``. With ``strict`` an image whose channel count differs from
-    ``channels`` also raises (otherwise it is converted).
+    and, failing that, when loaded; each is warned about once, by name
+    (:func:`warn_skipped`), and counted in ``skipped`` (and listed in
+    ``skipped_files``), or raises :class:`DataError` when ``strict``. With
+    ``strict`` an image whose channel count differs from ``channels`` also raises
+    (otherwise it is converted).
     """
 
     def __init__(self, source, keys: Sequence[str], transform: Callable, channels: int, strict: bool = False,
@@ -158,11 +185,11 @@ class ImageDataset(Dataset):
     def _bad(self, key: str, why: Exception) -> None:
         name = self.source.name(key)
         if self.strict:
-            raise DataError(f"cannot read image {name} ({type(why).__name__}: {why}); remove or replace the file, "
+            raise DataError(f"cannot read image {name} ({unreadable_reason(why)}); remove or replace the file, "
                             "or leave strict off to skip it") from None
         if name not in self.skipped_files:
             self.skipped_files.append(name)
-            warnings.warn(f"skipping unreadable image {name} ({type(why).__name__}: {why})", stacklevel=3)
+            warn_skipped(name, why)
 
     def _check_channels(self, key: str, mode: str) -> None:
         if self.strict and _colour_channels(mode) != self.channels:
