@@ -23,7 +23,8 @@ from nvae import NVAE, NVAEConfig, cli  # noqa: E402
 from nvae.formats.checkpoint import save_model  # noqa: E402
 from nvae.cli.fid import add_fid_parsers, cmd_fid, cmd_fid_stats  # noqa: E402
 from nvae.analysis.fid import (FID_WEIGHTS_FILE, FIDError, InceptionFeatures, dataset_statistics,  # noqa: E402
-                      frechet_distance, load_statistics, model_fid, save_statistics)
+                      frechet_distance, load_statistics, load_statistics_info, model_fid, save_statistics)
+from nvae.analysis.fid_protocol import official_reference_dataset, stats_dataset  # noqa: E402
 
 
 pytestmark = [  # pytorch-fid's sqrtm call on a newer SciPy; few images give singular covariances
@@ -187,6 +188,12 @@ def test_statistics_round_trip_in_pytorch_fid_format(tmp_path):
     m3, s3 = compute_statistics_of_path(str(path), None, 1, 8, "cpu")   # pytorch-fid reads it
     np.testing.assert_array_equal(m3, mu)
     np.testing.assert_array_equal(s3, sigma)
+    assert load_statistics_info(path) is None
+    tagged = save_statistics(tmp_path / "tagged.npz", mu, sigma, info={"protocol": "official", "seed": 3})
+    assert load_statistics_info(tagged) == {"protocol": "official", "seed": 3}
+    m4, s4 = compute_statistics_of_path(str(tagged), None, 1, 8, "cpu")   # pytorch-fid ignores the extra array
+    np.testing.assert_array_equal(m4, mu)
+    np.testing.assert_array_equal(load_statistics(tagged)[1], sigma)
     with pytest.raises(FIDError, match=r"\.npz"):
         save_statistics(tmp_path / "stats.txt", mu, sigma)
     with pytest.raises(FIDError, match="shape"):
@@ -350,6 +357,7 @@ def test_cli_fid_stats_then_fid_end_to_end(weights, nvae_main, tmp_path, no_netw
     assert first["readjust_bn"] is True and first["readjust_batch"] == 2 and first["readjust_steps"] == 2
     assert first["rounded_to_8_bits"] is False and written["rounded_to_8_bits"] is True
     assert first["bn_from_cache"] is False and (ckpt.parent / "checkpoint.b2.bn_t0.6_s2.pt").is_file()
+    assert first["reduction"] == "average" and first["readjust_precision"] == "float32"    # official, on CPU
     assert nvae_main(official) == 0      # the re-adjusted statistics come from the cache: the same FID
     again = json.loads((ckpt.parent / "fid_official_t0.6_bn_n6.json").read_text())
     assert again["bn_from_cache"] is True and again["fid"] == first["fid"]
@@ -377,6 +385,39 @@ def test_cli_fid_stats_then_fid_end_to_end(weights, nvae_main, tmp_path, no_netw
     assert "--split must be train, test or train,test" in capsys.readouterr().err
 
 
+def test_cli_fid_stats_official_protocol_takes_the_official_images_and_records_its_seed(
+        weights, nvae_main, tmp_path, no_network, capsys):
+    """``--protocol official``: the first --max-images of a seeded, shuffled, drop_last loader of the training
+    split; protocol, seed and selection recorded in the file (``meta``) and printed; ours unchanged."""
+    base = ["fid-stats", "--dataset", "digits", "--dims", "64", "--inception-weights", str(weights), "--no-progress"]
+    official = base + ["--protocol", "official", "--max-images", "10", "--batch-size", "16"]
+    assert nvae_main(official + ["--seed", "3", "--output", str(tmp_path / "o3.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "10 images of digits (train), official protocol, seed 3: shuffled, batches of 16" in out
+    info = load_statistics_info(tmp_path / "o3.npz")
+    assert info == {"protocol": "official", "seed": 3, "dataset": "digits", "splits": ["train"], "images": 10,
+                    "loader_batch_size": 16, "drop_last": True, "max_images": 10, "training_transforms": True,
+                    "binarised": False, "dims": 64}
+    expected = dataset_statistics(official_reference_dataset("digits", seed=3, batch_size=16, max_images=10),
+                                  InceptionFeatures(weights, dims=64), progress=False)
+    mu, sigma = load_statistics(tmp_path / "o3.npz")
+    np.testing.assert_allclose(mu, expected[0], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(sigma, expected[1], rtol=1e-5, atol=1e-8)
+    assert nvae_main(official + ["--seed", "4", "--output", str(tmp_path / "o4.npz")]) == 0
+    assert not np.allclose(load_statistics(tmp_path / "o4.npz")[0], mu)       # another seed, other images
+    first = dataset_statistics(stats_dataset("digits", ("train",)), InceptionFeatures(weights, dims=64),
+                               max_images=10, progress=False)
+    assert not np.allclose(first[0], mu)                                      # not the first 10 in order
+
+    assert nvae_main(base + ["--max-images", "10", "--output", str(tmp_path / "ours.npz")]) == 0   # ours: default
+    assert "our protocol: in order" in capsys.readouterr().out
+    assert load_statistics_info(tmp_path / "ours.npz")["protocol"] == "ours"
+    np.testing.assert_allclose(load_statistics(tmp_path / "ours.npz")[0], first[0], rtol=1e-6, atol=1e-8)
+    for extra, name in ((["--split", "test"], "--split"), (["--subset-seed", "1"], "--subset-seed")):
+        assert nvae_main(official + extra + ["--output", str(tmp_path / "x.npz")]) == 2
+        assert f"{name} is not taken under --protocol official" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_give_the_one_process_fid(weights, nvae_main, tmp_path, capsys):
     """`torchrun -m nvae fid` over two gloo processes: the same images, the same pooled statistics and FID."""
@@ -389,7 +430,8 @@ def test_torchrun_two_processes_give_the_one_process_fid(weights, nvae_main, tmp
     (tmp_path / "run").mkdir()
     save_model(_tiny_model(), tmp_path / "run" / "checkpoint.pt")
     args = ["fid", str(tmp_path / "run"), "--stats", str(stats), "--inception-weights", str(weights), "-n", "7",
-            "--batch-size", "3", "--protocol", "official", "--readjust-bn", "--readjust-steps", "2", "--no-progress"]
+            "--batch-size", "3", "--protocol", "official", "--readjust-bn", "--readjust-steps", "2",
+            "--reduction", "pooled", "--no-progress"]
     assert nvae_main(args + ["--output", str(tmp_path / "one.json")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

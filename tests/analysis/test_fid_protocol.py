@@ -10,15 +10,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import ConcatDataset
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 from gloo import WORLD, spawn
 from nvae import NVAE, NVAEConfig
 from nvae.distributed import DistributedContext
 from nvae.model.distributions import DiscMixLogistic
 from nvae.analysis.fid import FeatureMoments, FIDError
-from nvae.analysis.fid_protocol import (FIDProtocol, bn_cache_checkpoint, default_output_name, default_protocol,
-                               is_official_checkpoint, protocol_statistics, sample_moments, stats_dataset,
+from nvae.analysis.fid_protocol import (FIDProtocol, OfficialReference, bn_cache_checkpoint, default_output_name,
+                               default_protocol, is_official_checkpoint, official_reference_dataset,
+                               official_selection, protocol_statistics, sample_moments, stats_dataset,
                                stats_splits)
 from nvae.formats.keymap import key_map
 from nvae.analysis.sampling import decoder_bn_layers, readjust_bn
@@ -63,7 +65,8 @@ def _bn_state(model):
 
 
 class Recorder:
-    """Wraps ``model.sample_logits``: (n, temperature, training) of every call."""
+    """Wraps ``model.sample_logits``: (n, temperature, training) of every call (a per-group list of one
+    value recorded as that value: ``NVAE.sample`` passes its temperatures per group)."""
 
     def __init__(self, model):
         self.calls, self.inner = [], model.sample_logits
@@ -71,7 +74,10 @@ class Recorder:
         model.sample_logits = self
 
     def __call__(self, n, temperature=1.0, generator=None):
-        self.calls.append((n, temperature, self.model.training))
+        t = temperature
+        if isinstance(t, (list, tuple)) and len(set(t)) == 1:
+            t = t[0]
+        self.calls.append((n, t, self.model.training))
         return self.inner(n, temperature, generator)
 
 
@@ -117,6 +123,64 @@ def test_mixture_mean_is_the_official_one_and_the_red_expectation():
     # red has no coupling: its mean is the mixture's expectation, which samples estimate
     draws = DiscMixLogistic(params.repeat(4000, 1, 1, 1), num_mix=m).sample(1.0, g)[:, 0].view(4000, b, h, w)
     torch.testing.assert_close(draws.mean(0), got[:, 0], atol=0.01, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the official draw at t < 1
+def _mixture_params(b=2, m=3, h=2, w=2, log_scale=-3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = torch.randn(b, 10 * m, h, w, generator=g)
+    role = torch.arange(9 * m) % (3 * m) // m                            # 0 means, 1 log-scales, 2 coefficients
+    params[:, m:][:, role == 0] *= 0.3
+    params[:, m:][:, role == 1] = log_scale
+    return params
+
+
+@pytest.mark.parametrize("t", [0.5, 0.8])
+def test_official_temperature_draw_is_the_official_formula_on_the_same_uniforms(t):
+    """The official ``DiscMixLogistic.sample(t)``: argmax(logits / t + gumbel), then
+    ``means + exp(log_scales) / t * (log u - log(1 - u))``, coupled and clamped; ours multiplies by t."""
+    m = 3
+    params = _mixture_params(m=m)
+    dist = DiscMixLogistic(params, num_mix=m)
+    got = dist.sample(t, torch.Generator().manual_seed(5), official_temperature=True)
+    ours = dist.sample(t, torch.Generator().manual_seed(5))
+
+    g = torch.Generator().manual_seed(5)                               # the same uniforms, drawn in the same order
+    b, _, h, w = params.shape
+    u = 1e-5 + (1 - 2e-5) * torch.rand(b, m, h, w, generator=g)
+    sel = F.one_hot(torch.argmax(params[:, :m] / t - torch.log(-torch.log(u)), 1), m).permute(0, 3, 1, 2)
+    rest = params[:, m:].reshape(b, 3, 3 * m, h, w)
+    pick = [(rest[:, :, k * m:(k + 1) * m] * sel.unsqueeze(1)).sum(2) for k in range(3)]
+    loc, log_s, coef = pick[0], pick[1].clamp(min=-7), torch.tanh(rest[:, :, 2 * m:]) * sel.unsqueeze(1)
+    coef = coef.sum(2)
+    u = 1e-5 + (1 - 2e-5) * torch.rand(b, 3, h, w, generator=g)
+    logistic = torch.log(u) - torch.log(1 - u)
+    for scale, drawn in ((torch.exp(log_s) / t, got), (torch.exp(log_s) * t, ours)):
+        x = loc + scale * logistic
+        r = x[:, 0].clamp(-1, 1)
+        gr = (x[:, 1] + coef[:, 0] * r).clamp(-1, 1)
+        bl = (x[:, 2] + coef[:, 1] * r + coef[:, 2] * gr).clamp(-1, 1)
+        torch.testing.assert_close(drawn, (torch.stack([r, gr, bl], 1) + 1) / 2, rtol=0, atol=1e-6)
+    assert not torch.allclose(got, ours)
+    # at t = 1 both conventions are one draw
+    one = [dist.sample(1.0, torch.Generator().manual_seed(5), official_temperature=o) for o in (True, False)]
+    torch.testing.assert_close(one[0], one[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="t must be > 0"):
+        dist.sample(0.0, official_temperature=True)
+
+
+def test_official_temperature_draw_spreads_by_scale_over_t():
+    """One grey logistic component of scale s: a draw at t has standard deviation s / t * pi / sqrt(3) on
+    [-1, 1] (half that on [0, 1]) the official way, s * t * pi / sqrt(3) ours."""
+    n, t, log_s = 200_000, 0.5, -3.0
+    params = torch.zeros(1, 3, n, 1)                                     # grey, M = 1: logit, mean 0, log-scale
+    params[:, 2] = log_s
+    dist = DiscMixLogistic(params, num_mix=1)
+    unit = math.exp(log_s) * math.pi / math.sqrt(3) / 2                  # on [0, 1]
+    official = dist.sample(t, torch.Generator().manual_seed(0), official_temperature=True).std().item()
+    ours = dist.sample(t, torch.Generator().manual_seed(0)).std().item()
+    assert official == pytest.approx(unit / t, rel=0.02)
+    assert ours == pytest.approx(unit * t, rel=0.02)
 
 
 # ----------------------------------------------------------------------------- which images
@@ -206,13 +270,24 @@ def _sharded_worker(rank: int) -> dict:
     torch.set_num_threads(1)
     model = _model("mixture")
     ctx = DistributedContext(rank=rank, local_rank=rank, world_size=WORLD)
-    protocol = FIDProtocol("official", 0.5, readjust_bn=True, readjust_steps=2, num_samples=9, batch_size=2)
+    protocol = FIDProtocol("official", 0.5, readjust_bn=True, readjust_steps=2, num_samples=9, batch_size=2,
+                           reduction="pooled")
     (mu, sigma), info = protocol_statistics(model, protocol, _features(model), dist_ctx=ctx, progress=False)
-    averaged = sample_moments(model, protocol, _features(model), ctx, progress=False).reduce(ctx, "average")
     bn = _bn_state(model)
-    return {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma), "world": info["world_size"],
-            "avg_mu": torch.from_numpy(averaged[0]), "avg_sigma": torch.from_numpy(averaged[1]),
-            "bn": torch.cat([torch.cat([m, v]) for m, v in bn.values()])}
+    averaged = sample_moments(model, protocol, _features(model), ctx, progress=False).reduce(ctx, "average")
+    # each protocol's default reduction, on the same images (BN as re-adjusted above)
+    out = {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma), "world": info["world_size"],
+           "avg_mu": torch.from_numpy(averaged[0]), "avg_sigma": torch.from_numpy(averaged[1]),
+           "bn": torch.cat([torch.cat([m, v]) for m, v in bn.values()])}
+    for name in ("official", "ours"):
+        default = FIDProtocol(name, num_samples=9, batch_size=2)
+        (d_mu, d_sigma), d_info = protocol_statistics(model, default, _features(model), dist_ctx=ctx, progress=False)
+        for how in ("pooled", "average"):
+            r_mu, r_sigma = sample_moments(model, default, _features(model), ctx, progress=False).reduce(ctx, how)
+            out[f"{name}_equals_{how}"] = torch.tensor(bool(np.array_equal(d_mu, r_mu) and
+                                                            np.array_equal(d_sigma, r_sigma)))
+        out[f"{name}_reduction_is_average"] = torch.tensor(d_info["reduction"] == "average")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +297,8 @@ def two_processes(tmp_path_factory):
 
 def test_two_processes_pooled_equal_one_process_on_the_same_images(two_processes):
     model = _model("mixture")
-    protocol = FIDProtocol("official", 0.5, readjust_bn=True, readjust_steps=2, num_samples=9, batch_size=2)
+    protocol = FIDProtocol("official", 0.5, readjust_bn=True, readjust_steps=2, num_samples=9, batch_size=2,
+                           reduction="pooled")
     (mu, sigma), info = protocol_statistics(model, protocol, _features(model), progress=False)
     bn = torch.cat([torch.cat([m, v]) for m, v in _bn_state(model).values()])
     for out in two_processes:
@@ -252,6 +328,18 @@ def test_two_processes_average_is_the_official_mean_of_per_process_statistics(tw
         np.testing.assert_allclose(out["avg_sigma"].numpy(), (stats[0][1] + stats[1][1]) / 2, rtol=1e-4,
                                    atol=1e-7)
         assert not np.allclose(out["avg_sigma"].numpy(), pooled.statistics()[1], rtol=1e-6)   # not pooled
+
+
+def test_official_protocol_averages_over_processes_by_default_and_ours_pools(two_processes):
+    """The official ``test_vae_fid`` averages each GPU's mu and sigma (``utils.average_tensor``): the
+    official protocol's default; ours keeps pooling. An explicit reduction wins over either default."""
+    for out in two_processes:
+        assert out["official_equals_average"] and not out["official_equals_pooled"]
+        assert out["ours_equals_pooled"] and not out["ours_equals_average"]
+        assert out["official_reduction_is_average"] and not out["ours_reduction_is_average"]
+    assert FIDProtocol("official").reduction == "average" and FIDProtocol("ours").reduction == "pooled"
+    assert FIDProtocol("official", reduction="pooled").reduction == "pooled"
+    assert FIDProtocol("ours", reduction="average").reduction == "average"
 
 
 # ----------------------------------------------------------------------------- checkpoints and caches
@@ -302,3 +390,131 @@ def test_reference_splits_follow_the_official_script():
     torch.testing.assert_close(merged[len(train)][0], test[0][0])      # train first, then test
     torch.testing.assert_close(merged[0][0], train[0][0])
     assert math.isfinite(float(merged[len(merged) - 1][0].sum()))
+
+
+# ----------------------------------------------------------------------------- official reference images
+def _loader_order(lengths, seed, batch):
+    """What seeded torch DataLoaders yield (one generator; shuffled; the first one with drop_last)."""
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    for part, n in enumerate(lengths):
+        for (idx,) in DataLoader(TensorDataset(torch.arange(n)), batch_size=batch, shuffle=True,
+                                 drop_last=part == 0, generator=g):
+            order += [(part, int(i)) for i in idx]
+    return order
+
+
+def test_official_selection_is_a_seeded_shuffled_drop_last_loader_then_the_validation_loader():
+    expected = _loader_order([10, 5], seed=3, batch=4)
+    assert len(expected) == 8 + 5
+    assert official_selection([10, 5], 3, 4, None) == expected
+    assert official_selection([10, 5], 3, 4, 6) == expected[:6]                 # the first max_images
+    assert official_selection([10], 3, 4, None) == _loader_order([10], 3, 4)
+    assert official_selection([10, 5], 4, 4, None) != expected                  # the seed matters
+    assert sorted(i for p, i in expected if p == 0) != list(range(10))          # 8 of the 10: two dropped
+    assert [i for p, i in expected if p == 1] != list(range(5))                 # the validation loader shuffles
+    # the official script's numbers: CIFAR-10 loses its last 50000 - 781 * 64 = 16; MNIST gives 50,000 of
+    # 59,968; Omniglot (24,345 + 8,070) and CelebA-HQ (27,000 + 3,000) give all but the dropped batch
+    assert len(official_selection([50000])) == 49984
+    assert len(official_selection([60000])) == 50000
+    assert len(official_selection([24345, 8070])) == 24320 + 8070
+    assert len(official_selection([27000, 3000])) == 26944 + 3000
+
+
+class _Flipping(Dataset):
+    """Images with a random horizontal flip drawn from torch's global generator (as torchvision's
+    ``RandomHorizontalFlip`` in a training transform), and a label, as torchvision data sets give."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return (x.flip(-1) if torch.rand(1).item() < 0.5 else x), 7
+
+
+def test_official_reference_images_come_with_their_training_flips_reproducibly():
+    g = torch.Generator().manual_seed(0)
+    train, val = torch.rand(40, 3, 4, 4, generator=g), torch.rand(6, 3, 4, 4, generator=g)
+    data = OfficialReference([_Flipping(train), TensorDataset(val)], seed=5, batch_size=8, max_images=None)
+    order = _loader_order([40, 6], seed=5, batch=8)
+    state = torch.get_rng_state()
+    items = [data[k][0] for k in range(len(data))]
+    assert torch.equal(torch.get_rng_state(), state)                     # torch's generator is left as it was
+    assert len(items) == len(order) == 40 + 6
+    flipped = 0
+    for x, (part, i) in zip(items, order):
+        if part == 0:
+            assert torch.equal(x, train[i]) or torch.equal(x, train[i].flip(-1))
+            flipped += torch.equal(x, train[i].flip(-1))
+        else:
+            assert torch.equal(x, val[i])                                # validation: no training transform
+    assert 10 <= flipped <= 30                                           # about half of 40
+    again = OfficialReference([_Flipping(train), TensorDataset(val)], seed=5, batch_size=8, max_images=None)
+    for k in reversed(range(len(again))):                                # any access order: the same images
+        assert torch.equal(again[k][0], items[k])
+    other = OfficialReference([_Flipping(train), TensorDataset(val)], seed=6, batch_size=8, max_images=None)
+    assert any(not torch.equal(other[k][0], items[k]) for k in range(len(other)))
+
+
+def _write_omniglot(folder, train_ids, test_ids):
+    """A chardata.mat of 28x28 characters: the top row holds the id in 5 black-or-white bits, a 20x20 block
+    is grey (0.5). MATLAB keeps each image as a column, column-major."""
+    from scipy.io import savemat
+
+    def images(ids):
+        x = np.zeros((len(ids), 28, 28), dtype=np.float64)
+        for n, i in enumerate(ids):
+            x[n, 0, :5] = [(i >> b) & 1 for b in range(5)]
+            x[n, 4:24, 4:24] = 0.5
+        return x.transpose(0, 2, 1).reshape(len(ids), 784).T
+
+    savemat(str(folder / "chardata.mat"), {"data": images(train_ids), "testdata": images(test_ids)})
+
+
+def test_official_reference_of_omniglot_is_binarised_with_validation_chained(tmp_path):
+    pytest.importorskip("scipy")
+    train_ids, test_ids = list(range(10)), list(range(16, 22))
+    _write_omniglot(tmp_path, train_ids, test_ids)
+    data = official_reference_dataset("omniglot", str(tmp_path), seed=2, batch_size=4)
+    assert isinstance(data, OfficialReference) and data.binarise
+    order = _loader_order([10, 6], seed=2, batch=4)
+    items = torch.stack([data[k][0] for k in range(len(data))])
+    assert items.shape == (8 + 6, 1, 32, 32)
+    assert set(items.unique().tolist()) == {0.0, 1.0}                    # binarised, as the official Binarize
+    ids = [int(sum(int(x[0, 2, 2 + b]) << b for b in range(5))) for x in items]   # black and white bits survive
+    assert ids == [(train_ids if part == 0 else test_ids)[i] for part, i in order]
+    grey = items[:, 0, 6:26, 6:26].mean().item()                         # 127/255 per pixel, 14 x 400 pixels
+    assert grey == pytest.approx(127 / 255, abs=0.02)
+    # ours: every image of both splits in order, grey levels kept
+    ours = stats_dataset("omniglot", stats_splits("omniglot"), str(tmp_path))
+    assert len(ours) == 16 and ours[0][0][0, 10, 10].item() == pytest.approx(127 / 255)
+
+
+def test_official_reference_of_a_colour_set_flips_training_images_only(tmp_path):
+    from PIL import Image
+    g = torch.Generator().manual_seed(1)
+    for split, n in (("train", 24), ("val", 4)):
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            pixels = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / split / f"{i:03d}.png")
+    plain = [stats_dataset("celebahq256", (s,), str(tmp_path), image_size=8) for s in ("train", "test")]
+    data = official_reference_dataset("celebahq256", str(tmp_path), image_size=8, seed=0, batch_size=8)
+    order = _loader_order([24, 4], seed=0, batch=8)
+    assert len(data) == 24 + 4
+    flipped = 0
+    for k, (part, i) in enumerate(order):
+        x, original = data[k][0], plain[part][i][0]
+        if part == 0:
+            assert torch.equal(x, original) or torch.equal(x, original.flip(-1))
+            flipped += torch.equal(x, original.flip(-1))
+        else:
+            assert torch.equal(x, original)
+    assert 0 < flipped < 24
+    assert not data.binarise
+    with pytest.raises(FIDError, match=r"holds 0 image\(s\)"):              # 1,500 training digits < one batch
+        official_reference_dataset("digits", batch_size=4096)

@@ -12,37 +12,57 @@ from PIL import Image
 
 from nvae import NVAE
 from nvae.cli import main
-from nvae.analysis.report import ReportOptions, default_keep_groups, tensor_png, write_report
+from nvae.analysis.report import (FEW_POINTS, QUANTITIES, ReportOptions, axis_labels, curve_figure,
+                                  curves_section, default_keep_groups, tensor_png, write_report)
+from nvae.training.run_dir import pair_columns, save_grid
 
-SECTIONS = ["run", "configs", "curves", "evaluations", "samples", "reconstructions", "partial-posterior", "kl",
-            "other-images"]
+#: in page order: what a reader looks at first (curves, images) before the numbers and the configs
+SECTIONS = ["run", "curves", "samples", "reconstructions", "partial-posterior", "kl", "evaluations", "other-images",
+            "configs"]
+VOID = {"meta", "img", "br", "hr", "link", "input", "source", "wbr", "col", "area", "base"}
 SMALL = dict(temperatures=(0.5, 1.0), num_samples=4, num_inputs=3, kl_images=16, progress=False)
 
 
 class Page(HTMLParser):
-    """What a test needs from the page: sections with their text, tables and images, and every URL."""
+    """What a test needs from the page: sections (in page order) with their text, tables, images and image
+    captions (alt), every URL and id, and every tag left open or closed out of order."""
 
     def __init__(self, text: str):
         super().__init__()
-        self.sections, self.urls, self.tags = {}, [], set()
+        self.sections, self.urls, self.tags, self.ids = {}, [], set(), []
+        self.misnested, self._open = [], []
         self._section = self._cell = None
         self._rows = []
         self.feed(text)
+        self.close()
+        self.misnested += [f"<{t}> never closed" for t in self._open]
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         self.tags.add(tag)
+        if tag not in VOID:
+            self._open.append(tag)
+        if "id" in attrs:
+            self.ids.append(attrs["id"])
         self.urls += [v for k, v in attrs.items() if k in ("src", "href", "action", "data", "poster") and v]
         if tag == "section":
-            self._section = self.sections.setdefault(attrs["id"], {"text": "", "images": [], "rows": []})
+            self._section = self.sections.setdefault(attrs["id"], {"text": "", "images": [], "rows": [], "alts": [],
+                                                                   "folded": 0})
+        elif self._section is not None and tag == "details":
+            self._section["folded"] += 1
         elif self._section is not None and tag == "img":
             self._section["images"].append(attrs["src"])
+            self._section["alts"].append(attrs.get("alt") or "")
         elif self._section is not None and tag == "tr":
             self._section["rows"].append([])
         elif self._section is not None and tag in ("td", "th"):
             self._cell = ""
 
     def handle_endtag(self, tag):
+        if self._open and self._open[-1] == tag:
+            self._open.pop()
+        else:
+            self.misnested.append(f"</{tag}> while {self._open[-1:] or 'nothing'} is open")
         if tag == "section":
             self._section = None
         elif tag in ("td", "th") and self._cell is not None:
@@ -66,15 +86,32 @@ def decode(uri: str) -> np.ndarray:
 
 
 def check_self_contained(page: Page) -> None:
+    """The page parses into well-nested HTML, every section is there and says something, every link is an
+    anchor on the page, and every image is embedded, decodes as PNG and has a caption (alt)."""
+    assert not page.misnested, page.misnested[:5]
+    assert len(page.ids) == len(set(page.ids)), "duplicate ids"
     assert set(SECTIONS) <= set(page.sections)
     for name in SECTIONS:
         assert page.sections[name]["text"].strip(), name
     assert not page.tags & {"script", "link", "iframe", "object", "embed"}
     for url in page.urls:   # embedded data or an anchor on the page; nothing fetched from anywhere
         assert url.startswith(("data:image/png;base64,", "#")), url[:60]
+        assert not url.startswith("#") or url[1:] in page.ids, url
     for section in page.sections.values():
+        assert all(section["alts"]), "an image without alt text"
         for uri in section["images"]:
             decode(uri)
+
+
+def every_image(page: Page) -> list:
+    return [uri for section in page.sections.values() for uri in section["images"]]
+
+
+def grid_columns(image: np.ndarray, side: int, padding: int) -> int:
+    """Tiles per row of a make_grid image of ``side``-pixel tiles ``padding`` apart (its width must say so)."""
+    width = image.shape[1]
+    assert (width - padding) % (side + padding) == 0, (width, side, padding)
+    return (width - padding) // (side + padding)
 
 
 def scalars_of(run_dir):
@@ -114,6 +151,17 @@ def test_every_section_is_there_and_every_image_decodes(full, run):
     assert ["num_channels_enc", "4"] in full.sections["configs"]["rows"]
 
 
+def test_curves_and_images_come_first_and_the_configs_last_folded(full):
+    assert list(full.sections) == SECTIONS
+    assert full.sections["configs"]["folded"] == 2   # model_config.json and train_config.json, one fold each
+    assert full.sections["curves"]["folded"] == 1    # the long table of every scalar, under the plots
+
+
+def test_no_picture_is_shown_twice(full):
+    images = every_image(full)
+    assert len(images) == len(set(images))
+
+
 def test_the_curves_show_every_scalar_of_the_events(full, run):
     events = scalars_of(run)
     assert {"train/nelbo", "train/lr", "train/skipped_steps", "train/grad_norm", "kl/group_0"} <= set(events)
@@ -121,12 +169,52 @@ def test_the_curves_show_every_scalar_of_the_events(full, run):
     assert set(rows) == set(events)
     for tag, points in events.items():
         values = [v for _, v in points]
-        assert rows[tag][1:] == [str(len(points)), str(points[0][0]), str(points[-1][0]), f"{values[-1]:.6g}",
+        assert rows[tag][3:] == [str(len(points)), str(points[0][0]), str(points[-1][0]), f"{values[-1]:.6g}",
                                  f"{min(values):.6g}", f"{max(values):.6g}"], tag
+        assert rows[tag][2] == "step"
+    assert rows["train/nelbo"][1] == "nats/image" and rows["active/group_0"][1] == "count"
     # one plot per tag, the per-group tags of a prefix together
     per_group = {t.rsplit("/", 1)[0] for t in events if "/group_" in t}
     single = [t for t in events if "/group_" not in t]
     assert len(full.sections["curves"]["images"]) == len(single) + len(per_group)
+    # every tag the training logs has its quantity and unit written down (a new tag must be added to QUANTITIES)
+    assert set(single) | per_group <= set(QUANTITIES)
+    # the run logged every step, three of them: the page says why the curves are short
+    curves = full.sections["curves"]["text"]
+    assert "at most 3 points" in curves and "logged every step" in curves
+
+
+def test_each_curve_labels_its_axes_with_what_and_the_unit():
+    scalars = {"val/nelbo": [(0, 90.0), (1, 85.0)], "val/bpd_elbo": [(0, 0.3), (1, 0.25)],
+               "train/nelbo": [(50, 100.0), (100, 95.0)], "train/lr": [(50, 1e-3), (100, 9e-4)],
+               "active/group_0": [(50, 3.0)], "active/group_1": [(50, 4.0)], "train/skipped_steps": [(50, 0.0)],
+               "mystery/tag": [(1, 2.0)]}
+    expected = {("val/nelbo",): ("epoch", "nats/image"), ("val/bpd_elbo",): ("epoch", "bits/dim"),
+                ("train/nelbo",): ("training step", "nats/image"), ("train/lr",): ("training step", "learning rate"),
+                ("active/group_0", "active/group_1"): ("training step", "(count)"),
+                ("train/skipped_steps",): ("training step", "(count)"),
+                ("mystery/tag",): ("training step", "unit not recorded")}
+    import matplotlib.pyplot as plt
+    for tags, (x, y) in expected.items():
+        fig = curve_figure("t", list(tags), scalars)   # the labels drawn on the plot itself
+        try:
+            xlabel, ylabel = fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()
+        finally:
+            plt.close(fig)
+        assert (xlabel, ylabel) == axis_labels(list(tags))
+        assert xlabel.startswith(x) and y in ylabel, (tags, xlabel, ylabel)
+    assert "step" not in axis_labels(["val/neg_log_p"])[0]
+
+
+def test_short_runs_say_how_to_log_more(tmp_path):
+    sparse = {"train/nelbo": [(50, 100.0), (100, 95.0), (120, 94.0)], "val/nelbo": [(0, 99.0)]}
+    page = Page(f'<section id="curves">{curves_section(tmp_path, sparse, {"log_every": 50}).body}</section>')
+    text = page.sections["curves"]["text"] + " ".join(page.sections["curves"]["alts"])
+    assert "--train log_every=N" in text and "every 50 steps" in text and "at most 3 points" in text
+    assert "3 points; x: training step" in text and "1 point; x: epoch" in text
+    assert "validation curves have 1 point" in text and "--eval-every N" in text
+    dense = {"train/nelbo": [(i, 1.0) for i in range(FEW_POINTS)], "val/nelbo": [(0, 99.0), (1, 98.0), (2, 97.0)]}
+    assert 'class="note"' not in curves_section(tmp_path, dense, {"log_every": 1}).body
 
 
 def test_drawn_images_are_the_models_with_the_fixed_seed(full, run):
@@ -140,6 +228,15 @@ def test_drawn_images_are_the_models_with_the_fixed_seed(full, run):
     last_row = full.sections["partial-posterior"]["images"][-1]     # k = every group: the reconstruction
     assert np.array_equal(decode(last_row), decode_png(tensor_png(recon, nrow=3)))
     assert np.array_equal(decode(full.sections["partial-posterior"]["images"][0]), decode_png(tensor_png(x, nrow=3)))
+    # reconstructions: input, reconstruction, input, ... with an even number of columns, so no pair wraps
+    drawn = decode(full.sections["reconstructions"]["images"][0])
+    pairs = torch.stack([x, recon], dim=1).flatten(0, 1)
+    assert np.array_equal(drawn, decode_png(tensor_png(pairs, nrow=pair_columns(3))))
+    side = decode_png(tensor_png(x[:1], nrow=1)).shape[1]   # one image as the page scales it (alone: no padding)
+    assert grid_columns(drawn, side, 2) % 2 == 0
+    # the run's own grid: 16 fixed test images, the layout said in its caption
+    caption = full.sections["reconstructions"]["alts"][1]
+    assert f"{pair_columns(16) // 2} (input, reconstruction) pairs per row" in caption
 
 
 def decode_png(png: bytes) -> np.ndarray:
@@ -159,13 +256,15 @@ def test_later_outputs_appear_without_being_named(run, tmp_path):
     (copy / "kl_stats_test.json").write_text(json.dumps(
         {"kl_per_group": [1.5, 2.5], "active_units": [3, 4], "units_per_group": 4, "threshold": 0.1,
          "num_images": 9}))
-    shutil.copy(copy / "samples.png", copy / "partial_keep.png")
+    save_grid(torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)), copy / "partial_keep.png")
     out = write_report(copy, options=ReportOptions(draw_images=False, progress=False))
     assert out == copy / "report.html"
     page = Page(out.read_text())
     check_self_contained(page)
     rows = {r[0]: r for r in page.sections["curves"]["rows"][1:]}
-    assert rows["val/nelbo"][1:5] == ["2", "1", "3", "88.25"]
+    assert rows["val/nelbo"][1:7] == ["nats/image", "epoch", "2", "1", "3", "88.25"]
+    val = [alt for alt in page.sections["curves"]["alts"] if alt.startswith("val/nelbo")]
+    assert val == ["val/nelbo: 2 points; x: epoch (counted from 0), y: NELBO (nats/image)"]
     evals = page.sections["evaluations"]
     assert ["nll", "123.456"] in evals["rows"] and ["bits.per_dim", "0.25"] in evals["rows"]
     assert "partial.json" not in evals["text"] and "model_config" not in evals["text"]
@@ -228,3 +327,64 @@ def test_options_are_checked():
             ReportOptions(**bad)
     assert default_keep_groups(6) == [0, 1, 2, 4, 6] and default_keep_groups(1) == [0, 1]
     assert default_keep_groups(8) == [0, 1, 2, 4, 8]
+
+
+def validation_history(epochs):
+    """A validation.json as the training writes it (nvae.training.validation), for ``epochs``."""
+    from nvae.analysis.likelihood import EvalResult
+    from nvae.training.validation import HISTORY_FORMAT
+    units = EvalResult(nll=1.0, nelbo=1.0, bpd=1.0, bpd_elbo=1.0, num_images=1, num_samples=1,
+                       data_dims=1).to_dict()["units"]
+    return {"format": HISTORY_FORMAT, "version": 1, "units": units,
+            "evaluations": [{"epoch": e, "step": 23 * (e + 1), "seed": 9118556707104075072 + e, "weights": "raw",
+                             "nll": 138.125 - e, "nelbo": 144.5 - e, "bpd": 3.125, "bpd_elbo": 3.25,
+                             "num_images": 297, "num_samples": 10, "data_dims": 64} for e in epochs]}
+
+
+def test_validation_history_is_a_table_one_row_per_epoch(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    history = validation_history(range(12))
+    (copy / "validation.json").write_text(json.dumps(history, indent=2))
+    page = Page(write_report(copy, options=ReportOptions(draw_images=False, progress=False)).read_text())
+    check_self_contained(page)
+    rows = page.sections["evaluations"]["rows"]
+    header = ["epoch", "step", "seed", "weights", "nll (nats/image)", "nelbo (nats/image)", "bpd (bits/dim)",
+              "bpd_elbo (bits/dim)", "num_images", "num_samples", "data_dims"]
+    start = rows.index(header)
+    body = rows[start + 1:start + 13]
+    assert [r[0] for r in body] == [str(e) for e in range(12)]
+    assert body[11][:2] == ["11", "276"] and body[11][4] == "127.125" and body[0][2] == "9118556707104075072"
+    text = page.sections["evaluations"]["text"]
+    assert "evaluations: 12 records" in text
+    assert '"epoch"' not in text and "..." not in text   # no raw (or truncated) JSON
+    assert ["format", "nvae-validation"] in rows and ["units.nll", "nats/image"] not in rows   # units: in headers
+
+
+def test_a_plot_or_file_shown_once_is_not_repeated_in_other_images(run, tmp_path):
+    from nvae.analysis.likelihood import KLStats, plot_kl_stats
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    stats = KLStats(kl_per_group=[1.5, 2.5], active_units=[3, 4], units_per_group=4, threshold=0.1, num_images=9)
+    (copy / "kl_stats_test.json").write_text(json.dumps(stats.to_dict()))
+    plot_kl_stats(stats, copy / "kl_stats_test.png")          # nvae kl-stats's plot: the KL section's own
+    shutil.copy(copy / "reconstructions.png", copy / "again.png")   # the same picture under another name
+    page = Page(write_report(copy, options=ReportOptions(draw_images=False, progress=False)).read_text())
+    check_self_contained(page)
+    images = every_image(page)
+    assert len(images) == len(set(images))
+    assert not page.sections["other-images"]["images"]
+    assert "again.png (= reconstructions.png)" in page.sections["other-images"]["text"]
+    kl = page.sections["kl"]
+    assert len(kl["images"]) == 1 and "Not repeated: kl_stats_test.png" in kl["text"]
+
+
+def test_an_old_reconstruction_grid_with_odd_columns_is_said_to_wrap(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    model = NVAE.from_checkpoint(run / "checkpoint.pt")
+    side = model.config.image_size
+    save_grid(torch.rand(32, 1, side, side), copy / "reconstructions.png", nrow=5)   # sqrt(32): the old layout
+    page = Page(write_report(copy, options=ReportOptions(draw_images=False, progress=False)).read_text())
+    caption = page.sections["reconstructions"]["alts"][0]
+    assert "5 images per row, an odd number" in caption and "wrap" in caption

@@ -1,5 +1,6 @@
 """BN re-adjustment and the eval / sample commands."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 from nvae import NVAE, NVAEConfig
 from nvae.cli import main
+from nvae.analysis import sampling
+from nvae.analysis.fid_protocol import FIDProtocol, bn_cache_checkpoint, prepare_bn
 from nvae.analysis.sampling import bn_cache_path, decoder_bn_layers, readjust_bn, readjust_bn_cached
 
 from conftest import DATA, REFERENCE, needs_shared
@@ -42,6 +45,55 @@ def test_readjusted_statistics_are_cached_per_temperature(tmp_path):
     assert readjust_bn_cached(fresh, ckpt, 0.7, steps=2) is True
     assert all(torch.equal(stats[k], v) for k, v in fresh.state_dict().items() if "running" in k)
     assert bn_cache_path(ckpt, 0.8, 2) != bn_cache_path(ckpt, 0.7, 2)
+
+
+def _running_stats(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+
+def test_official_fid_readjusts_500_steps_of_2_under_autocast_and_ours_36_in_float32(monkeypatch):
+    """The official ``evaluate.py`` re-adjusts before its FID (mode ``evaluate_fid``) with 500 steps of 2 prior
+    samples, all under autocast; ours: ``nvae sample``'s 500 x 36 in float32."""
+    official, ours = FIDProtocol("official", 0.6, readjust_bn=True), FIDProtocol("ours", 0.6, readjust_bn=True)
+    assert (official.readjust_steps, official.bn_batch, official.readjust_autocast) == (500, 2, True)
+    assert (ours.readjust_steps, ours.bn_batch, ours.readjust_autocast) == (500, 36, False)
+
+    asked, calls = [], []
+    real = sampling.bn_autocast
+    monkeypatch.setattr(sampling, "bn_autocast", lambda model, enabled: asked.append(enabled) or real(model, enabled))
+    model = tiny_model().eval()
+    inner = model.sample_logits
+    model.sample_logits = lambda n, t=1.0, g=None: calls.append(n) or inner(n, t, g)
+    for protocol in (FIDProtocol("official", 0.6, readjust_bn=True, readjust_steps=3),
+                     FIDProtocol("ours", 0.6, readjust_bn=True, readjust_steps=1)):
+        prepare_bn(model, protocol)
+    assert asked == [True, False] and calls == [2, 2, 2, 36]
+    # on CPU the official autocast is not applied: float32, and the same statistics as without it
+    assert isinstance(real(model, True), type(real(model, False)))
+    assert sampling.readjust_precision(model, True) == "float32"
+    assert FIDProtocol("official", readjust_bn=True).describe(model)["readjust_precision"] == "float32"
+    a, b = tiny_model(), tiny_model()
+    readjust_bn(a, 0.7, 1, 2, torch.Generator().manual_seed(0), autocast=True)
+    readjust_bn(b, 0.7, 1, 2, torch.Generator().manual_seed(0))
+    assert all(torch.equal(v, _running_stats(b)[k]) for k, v in _running_stats(a).items())
+    # statistics re-adjusted under float16 autocast are cached apart from float32 ones
+    ckpt = Path("run/checkpoint.pt")
+    assert bn_cache_checkpoint(ckpt, 2).name == "checkpoint.b2.pt"
+    assert bn_cache_checkpoint(ckpt, 2, "float16 autocast").name == "checkpoint.b2.fp16.pt"
+    assert bn_cache_checkpoint(ckpt, 36, "float16 autocast").name == "checkpoint.fp16.pt"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 autocast is the official re-adjustment on CUDA")
+def test_official_readjustment_runs_in_float16_on_cuda():
+    model = tiny_model().cuda().eval()
+    dtypes = []
+    inner = model.sample_logits
+    model.sample_logits = lambda n, t=1.0, g=None: dtypes.append(inner(n, t, g).dtype)
+    readjust_bn(model, 0.7, 2, 2, torch.Generator("cuda").manual_seed(0), autocast=True)
+    readjust_bn(model, 0.7, 1, 2, torch.Generator("cuda").manual_seed(0))
+    assert dtypes == [torch.float16, torch.float16, torch.float32]
+    assert sampling.readjust_precision(model, True) == "float16 autocast"
 
 
 def test_sample_command_writes_grids_and_arrays(tmp_path):

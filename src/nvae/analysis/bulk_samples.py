@@ -1,14 +1,16 @@
 """Bulk sampling: many prior samples as numbered ``.npz`` chunks, sharded over processes and resumable.
 
-The official evaluation (``evaluate.py``, sample mode) draws 50,000 samples in
-batches of 100, each GPU writing its own ``gpu_R_samples_I.npz`` files (array
-``samples``: float32 images in [0, 1], N x C x H x W; Bernoulli means for binary
-data, a sample of p(x|z) otherwise). Here chunk ``i`` holds samples
-``i * batch ... i * batch + size - 1`` and is drawn with its own generator, seeded
-from ``(seed, i)``: process ``r`` of ``W`` draws the chunks with ``i % W == r``, so the
-files are the same whatever the number of processes, and a killed run redraws
-nothing it finished. Every chunk is written atomically (a half-written chunk never
-exists under its name), and only one chunk is in memory at a time.
+The layout is ours, not the official evaluation's. The official ``evaluate.py`` (its default
+``sample`` mode) gives each of G GPUs ``50000 // G`` images, drawn in batches of 100 (the last
+batch whole, so a GPU may write a little more) under float16 autocast, from unseeded global
+generators, and GPU ``R`` writes batch ``I`` to ``gpu_R_samples_I.npz`` in its ``--save`` folder
+(``np.savez_compressed``, one array ``samples``, N x C x H x W in [0, 1]: Bernoulli means for
+binary data, a sample of p(x|z) at pixel temperature 1 otherwise). Its file names and contents
+depend on the number of GPUs. Here chunk ``i`` holds samples ``i * batch ... i * batch + size - 1``
+(exactly ``n`` in all) and is drawn with its own generator, seeded from ``(seed, i)``: process
+``r`` of ``W`` draws the chunks with ``i % W == r``, so the files are the same whatever the number
+of processes, and a killed run redraws nothing it finished. Every chunk is written atomically (a
+half-written chunk never exists under its name), and only one chunk is in memory at a time.
 
 Layout of ``out_dir`` (e.g. ``samples_t0.7/``)::
 
@@ -44,9 +46,9 @@ GRID_SAMPLES = 64
 class BulkConfig:
     """What to draw: ``n`` samples in chunks of ``batch`` at ``temperature`` (a number, a per-group
     list or a :class:`~nvae.analysis.temperature_schedule.TemperatureSchedule`), chunk ``i`` from a generator seeded
-    with ``(seed, i)``, stored as ``dtype`` (``float32`` in [0, 1] as the official evaluation, or
-    ``uint8`` = round(255 x), as the PNGs). ``mean`` as in :meth:`NVAE.sample` (None: the official
-    choice, Bernoulli means for binary data and samples of p(x|z) otherwise)."""
+    with ``(seed, i)``, stored as ``dtype`` (``float32`` in [0, 1], or ``uint8`` = round(255 x), as
+    the PNGs). ``mean`` as in :meth:`NVAE.sample` (None: what the official sample mode shows,
+    Bernoulli means for binary data and samples of p(x|z) otherwise)."""
 
     n: int
     batch: int = 100

@@ -28,8 +28,11 @@ keep the model's resolution, borders
 included: an MNIST model draws 32x32 images with the 2-pixel zero border its training
 data had, and ``nvae fid-stats --dataset mnist`` gives statistics of the same padded
 32x32 images. Statistics computed elsewhere from 28x28 MNIST are not comparable.
-Data statistics use the data set's images as stored (no binarisation, no reduction to
-``num_x_bits``, no random flips).
+Our data statistics use the data set's images as stored (no binarisation, no reduction to
+``num_x_bits``, no random flips); ``nvae fid-stats --protocol official`` takes the official
+script's images instead (:func:`nvae.analysis.fid_protocol.official_reference_dataset`: shuffled,
+``drop_last``, training transforms, MNIST and Omniglot binarised). A statistics file may carry
+``meta``, a JSON string saying how it was made (protocol, seed, data set, splits, image count).
 
 Standard FID uses the 2048 features of the last pooling layer; ``dims`` 64, 192 or 768
 select earlier layers, as pytorch-fid allows (cheaper, but not comparable with published
@@ -52,8 +55,8 @@ from ..distributed import DistributedContext
 
 __all__ = ["FIDError", "FID_WEIGHTS_FILE", "FID_WEIGHTS_URL", "FEATURE_DIMS", "InceptionFeatures",
            "load_inception_weights", "activation_statistics", "dataset_statistics", "sample_statistics",
-           "frechet_distance", "model_fid", "save_statistics", "load_statistics", "file_sha256", "FeatureMoments",
-           "REDUCTIONS"]
+           "frechet_distance", "model_fid", "save_statistics", "load_statistics", "load_statistics_info",
+           "file_sha256", "FeatureMoments", "REDUCTIONS"]
 
 #: The file pytorch-fid's FID Inception weights come in, and where a copy can be fetched by hand.
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -310,7 +313,8 @@ def dataset_statistics(data, inception: InceptionFeatures, batch_size: int = 50,
     ``data`` is a tensor of images (N, C, H, W) in [0, 1] or a data set whose items are
     images or tuples starting with one (as :func:`nvae.data.build_dataset` gives);
     ``max_images`` uses only the first N, or with ``subset_seed`` N images drawn at random
-    without replacement (as the official script's 50,000 of a shuffled loader).
+    without replacement (ours; the official selection is
+    :func:`nvae.analysis.fid_protocol.official_reference_dataset`, passed here as ``data``).
     """
     from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -409,15 +413,30 @@ def file_sha256(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
-def save_statistics(path: Union[str, Path], mu, sigma) -> Path:
-    """Write ``mu`` and ``sigma`` to the ``.npz`` file ``path`` (pytorch-fid's format), atomically."""
+def save_statistics(path: Union[str, Path], mu, sigma, info: Optional[dict] = None) -> Path:
+    """Write ``mu`` and ``sigma`` to the ``.npz`` file ``path`` (pytorch-fid's format), atomically.
+
+    ``info`` (how the statistics were made) goes in as ``meta``, a JSON string array that
+    pytorch-fid and the official code ignore (:func:`load_statistics_info` reads it back).
+    """
+    import json
     path = Path(path)
     if path.suffix != ".npz":
         raise FIDError(f"statistics files end in .npz (pytorch-fid recognises them by it), got {path}")
     mu, sigma = _check_stats(mu, sigma, str(path))
+    arrays = dict(mu=mu, sigma=sigma)
+    if info is not None:
+        arrays["meta"] = np.array(json.dumps(info, sort_keys=True))
     from ..formats.checkpoint import atomic_write
-    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
+
+
+def load_statistics_info(path: Union[str, Path]) -> Optional[dict]:
+    """The ``info`` a statistics file was saved with (:func:`save_statistics`), or None if it has none."""
+    import json
+    with np.load(Path(path), allow_pickle=False) as f:
+        return json.loads(str(f["meta"])) if "meta" in f.files else None
 
 
 def load_statistics(path: Union[str, Path]) -> Stats:

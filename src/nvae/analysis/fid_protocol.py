@@ -1,29 +1,42 @@
-"""How the images behind a model's FID are drawn: the official protocol and ours, sharded over processes.
+"""How the images behind a model's FID are drawn, and the data statistics they meet: the official protocol and ours.
 
-The official evaluation (NVlabs/NVAE ``evaluate.py --eval_mode evaluate_fid``, ``train.py``'s
-``test_vae_fid``) does three things that a plain "FID of samples" does not:
+The official evaluation (NVlabs/NVAE ``evaluate.py --eval_mode evaluate_fid``, which calls ``train.py``'s
+``test_vae_fid``) does four things that a plain "FID of samples" does not:
 
-* with ``--readjust_bn`` it re-estimates the decoder's BN statistics from 500 batches of 2
-  prior samples at the given temperature ``t``;
+* with ``--readjust_bn`` it re-estimates the decoder's BN statistics (its ``set_bn``) from 500 batches of
+  2 prior samples at the given temperature ``t``, in training mode under float16 autocast;
 * it then draws its 50,000 images at temperature 1.0 whatever ``t`` was (``t`` acts only
   through the re-adjusted BN statistics);
 * it feeds Inception the *mean* of p(x|z): the mixture-weighted logistic means pushed through
   the RGB coupling (:meth:`nvae.model.distributions.DiscMixLogistic.mean`) for colour data, the
   Bernoulli means for binary data, as floats (not rounded to 8 bits). (The official
   ``NormalDecoder`` has no mean and would fail there; ours uses the clamped Normal mean.)
+* over G GPUs each GPU draws ``ceil(50000 / G)`` images and the GPUs' means and covariances are
+  averaged.
 
-Over several GPUs it gives each GPU ``ceil(50000 / GPUs)`` images and averages the GPUs' means
-and covariances. Here every process draws the global batches ``rank, rank + world, ...`` of
-exactly ``num_samples`` images, each batch from a generator seeded by ``(seed, batch index)``,
-so the images are the same whatever the number of processes. Their statistics are reduced
-``pooled`` by default (sums of features and of outer products added up: the statistics of all
-images, identical for any number of processes) or ``average`` (the official averaging, which
-differs from pooled by the spread of the per-process means, a relative O(processes / images)).
+Here every process draws the global batches ``rank, rank + world, ...`` of exactly ``num_samples``
+images, each batch from a generator seeded by ``(seed, batch index)``, so the images are the same
+whatever the number of processes. Their statistics are reduced ``average`` under ``official`` (the
+official averaging, which lacks the spread of the per-process means, a relative O(processes /
+images)) and ``pooled`` under ``ours`` (sums of features and of outer products added up: the statistics
+of all images, identical for any number of processes); ``reduction`` chooses either way.
 
 ``ours`` lets the temperature act on the samples too: latents drawn at ``t`` and, as
 :meth:`nvae.NVAE.sample` and ``nvae sample`` give them, a sample of p(x|z) for colour models
-(pixel noise at temperature 1) and the Bernoulli means for binary ones; ``--readjust-bn``
-re-adjusts with 36 samples per batch, as ``nvae sample --readjust-bn`` does (and shares its cache).
+(pixel noise at temperature 1, where our and the official logistic draws agree) and the Bernoulli
+means for binary ones; ``--readjust-bn`` re-adjusts with 36 samples per batch in float32, as ``nvae
+sample --readjust-bn`` does (and shares its cache).
+
+Data statistics (``nvae fid-stats``). The official ``scripts/precompute_fid_statistics.py`` reads the
+training loader of ``datasets.get_loaders_eval`` as training does: shuffled, with the training
+transforms (random horizontal flips for the colour sets, random crops and flips for LSUN), batches of
+its ``--batch_size`` 64 with ``drop_last``, MNIST and Omniglot binarised (its ``Binarize`` transform,
+although its comment says binary sets are not binarised); for CelebA-HQ 256 and Omniglot the
+(shuffled, unflipped, not ``drop_last``) validation loader follows; the first ``--max_samples`` 50,000
+images of that stream are used, labels ignored. For CIFAR-10 that is 781 x 64 = 49,984 of its 50,000
+images. :func:`official_reference_dataset` gives those images, from generators seeded by ``seed``
+(the official script is unseeded); :func:`stats_dataset` gives ours: every image of the chosen splits,
+in order, without flips or binarisation.
 """
 from __future__ import annotations
 
@@ -32,10 +45,10 @@ import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from ..distributed import DistributedContext
 from ..formats.checkpoint import CheckpointError, safe_load
@@ -43,18 +56,32 @@ from ..formats.opened import OpenedCheckpoint
 from .fid import REDUCTIONS, FeatureMoments, FIDError, Stats, frechet_distance
 from ..model.network import NVAE, Temperature, training_mode
 from ..seeds import EVAL_BATCH, derived_seed
-from .sampling import decoder_bn_layers, readjust_bn, readjust_bn_cached, temperature_name
+from .sampling import (decoder_bn_layers, readjust_bn, readjust_bn_cached, readjust_precision,
+                       temperature_name)
 
 __all__ = ["PROTOCOLS", "FIDProtocol", "is_official_checkpoint", "default_protocol", "prepare_bn",
            "sample_moments", "protocol_statistics", "protocol_fid", "bn_cache_checkpoint",
-           "STATS_MERGED_SPLITS", "stats_splits", "stats_dataset"]
+           "STATS_MERGED_SPLITS", "stats_splits", "stats_dataset", "OFFICIAL_STATS_BATCH",
+           "OFFICIAL_STATS_IMAGES", "OFFICIAL_BINARISED", "official_selection", "OfficialReference",
+           "official_reference_dataset", "default_reduction"]
 
 PROTOCOLS = ("official", "ours")
 
-#: Samples per BN re-adjustment batch: the official FID evaluation's, and ``readjust_bn``'s default
-#: (the official sampling mode's, used by ``nvae sample``).
+#: Samples per BN re-adjustment batch: the official FID evaluation's (``evaluate.py``, mode
+#: ``evaluate_fid``: 500 steps of 2), and ours, ``readjust_bn``'s default as ``nvae sample`` uses it (the
+#: official ``sample`` mode used 36 in its first release, 16 now).
 OFFICIAL_READJUST_BATCH = 2
 SAMPLE_READJUST_BATCH = 36
+#: Re-adjustment steps of both official modes, and our default.
+OFFICIAL_READJUST_STEPS = 500
+#: How each protocol reduces statistics over processes by default: the official ``test_vae_fid`` averages
+#: the GPUs' means and covariances; ours pools.
+_DEFAULT_REDUCTION = {"official": "average", "ours": "pooled"}
+
+
+def default_reduction(protocol: str) -> str:
+    """``average`` for ``official`` (the official code's), ``pooled`` for ``ours``."""
+    return _DEFAULT_REDUCTION[protocol]
 
 
 @dataclass(frozen=True)
@@ -63,24 +90,28 @@ class FIDProtocol:
 
     ``name`` is ``official`` or ``ours`` (module docstring). ``temperature`` is the ``-t``
     of the command: under ``official`` it only sets the temperature of the BN
-    re-adjustment. ``readjust_batch`` defaults to 2 (official) or 36 (ours).
-    Batch ``b`` of ``batch_size`` images is drawn with a generator seeded by
-    ``(seed, b)``; ``reduction`` is one of :data:`nvae.analysis.fid.REDUCTIONS`.
+    re-adjustment. ``readjust_batch`` defaults to 2 (official) or 36 (ours); the
+    re-adjustment runs under float16 autocast on CUDA under ``official``
+    (:attr:`readjust_autocast`). Batch ``b`` of ``batch_size`` images is drawn with a
+    generator seeded by ``(seed, b)``; ``reduction`` is one of
+    :data:`nvae.analysis.fid.REDUCTIONS`, by default the protocol's (:func:`default_reduction`).
     """
 
     name: str = "official"
     temperature: Temperature = 1.0
     readjust_bn: bool = False
-    readjust_steps: int = 500
+    readjust_steps: int = OFFICIAL_READJUST_STEPS
     readjust_batch: Optional[int] = None
     num_samples: int = 50000
     batch_size: int = 100
     seed: int = 0
-    reduction: str = "pooled"
+    reduction: Optional[str] = None
 
     def __post_init__(self):
         if self.name not in PROTOCOLS:
             raise FIDError(f"protocol must be one of {PROTOCOLS}, got {self.name!r}")
+        if self.reduction is None:
+            object.__setattr__(self, "reduction", default_reduction(self.name))
         if self.reduction not in REDUCTIONS:
             raise FIDError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         temps = [self.temperature] if isinstance(self.temperature, (int, float)) else list(self.temperature)
@@ -98,6 +129,11 @@ class FIDProtocol:
         if self.readjust_batch is not None:
             return self.readjust_batch
         return OFFICIAL_READJUST_BATCH if self.name == "official" else SAMPLE_READJUST_BATCH
+
+    @property
+    def readjust_autocast(self) -> bool:
+        """Whether BN re-adjustment asks for float16 autocast (official; it applies on CUDA only)."""
+        return self.name == "official"
 
     @property
     def sampling_temperature(self) -> Temperature:
@@ -125,6 +161,7 @@ class FIDProtocol:
         out["readjust_batch"] = self.bn_batch if self.readjust_bn else None
         out["readjust_steps"] = self.readjust_steps if self.readjust_bn else None
         out["bn_temperature"] = self.temperature if self.readjust_bn else None
+        out["readjust_precision"] = readjust_precision(model, self.readjust_autocast) if self.readjust_bn else None
         out["sampling_temperature"] = self.sampling_temperature
         out["rounded_to_8_bits"] = self.quantizes
         out["images"] = f"{'means' if self.feeds_means(model) else 'samples'} of p(x|z) ({model.config.decoder})"
@@ -159,17 +196,18 @@ def default_protocol(path: Union[str, Path, OpenedCheckpoint]) -> str:
     return "official" if is_official_checkpoint(path) else "ours"
 
 
-def bn_cache_checkpoint(checkpoint: Union[str, Path], batch: int) -> Path:
+def bn_cache_checkpoint(checkpoint: Union[str, Path], batch: int, precision: str = "float32") -> Path:
     """The name re-adjusted BN statistics are cached under (:func:`nvae.analysis.sampling.bn_cache_path`).
 
     The cache is named after the checkpoint, the temperature and the steps; a batch other
-    than ``nvae sample``'s 36 gets its own name, so the official FID's 2-sample statistics
-    never stand in for the 36-sample ones or the reverse.
+    than ``nvae sample``'s 36 gets its own name, and so do statistics re-adjusted under
+    float16 autocast (``precision``, :func:`nvae.analysis.sampling.readjust_precision`), so the
+    official FID's 2-sample statistics never stand in for the 36-sample ones or the reverse,
+    nor float16 ones for float32 ones.
     """
     checkpoint = Path(checkpoint)
-    if batch == SAMPLE_READJUST_BATCH:
-        return checkpoint
-    return checkpoint.with_name(f"{checkpoint.stem}.b{batch}{checkpoint.suffix}")
+    tags = ("" if batch == SAMPLE_READJUST_BATCH else f".b{batch}") + ("" if precision == "float32" else ".fp16")
+    return checkpoint.with_name(f"{checkpoint.stem}{tags}{checkpoint.suffix}") if tags else checkpoint
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -183,7 +221,8 @@ def prepare_bn(model: NVAE, protocol: FIDProtocol, checkpoint: Union[str, Path, 
 
     The generator is seeded with ``protocol.seed``. With ``checkpoint`` the statistics are
     cached beside it (:func:`bn_cache_checkpoint`). Under torchrun rank 0 re-adjusts and
-    every process receives its statistics, so all draw from the same model.
+    every process receives its statistics, so all draw from the same model. Under ``official``
+    the re-adjustment runs under float16 autocast where the model is on CUDA, in float32 elsewhere.
     """
     if not protocol.readjust_bn:
         return None
@@ -191,11 +230,13 @@ def prepare_bn(model: NVAE, protocol: FIDProtocol, checkpoint: Union[str, Path, 
     cached = False
     if main:
         g = torch.Generator(_device(model)).manual_seed(protocol.seed)
+        autocast = protocol.readjust_autocast
         args = (protocol.temperature, protocol.readjust_steps, protocol.bn_batch, g, progress)
         if checkpoint is None:
-            readjust_bn(model, *args)
+            readjust_bn(model, *args, autocast=autocast)
         else:
-            cached = readjust_bn_cached(model, bn_cache_checkpoint(checkpoint, protocol.bn_batch), *args)
+            cache = bn_cache_checkpoint(checkpoint, protocol.bn_batch, readjust_precision(model, autocast))
+            cached = readjust_bn_cached(model, cache, *args, autocast=autocast)
     if dist_ctx.enabled:
         import torch.distributed as dist
         for m in decoder_bn_layers(model).values():
@@ -310,8 +351,94 @@ def stats_splits(dataset: str, splits: Optional[str] = None) -> Tuple[str, ...]:
 
 def stats_dataset(dataset: str, splits: Tuple[str, ...], root: Optional[str] = None,
                   image_size: Optional[int] = None) -> Dataset:
-    """The images of ``splits`` of ``dataset`` one after the other (train first, as the official script
-    chains them), without flips; ``test`` is the split ``nvae eval`` evaluates (validation where it exists)."""
+    """Our reference images: those of ``splits`` of ``dataset`` one after the other (train first, as the
+    official script chains them), in order, without flips or binarisation; ``test`` is the split ``nvae
+    eval`` evaluates (validation where it exists). (LSUN's training split keeps its random crop.)"""
     from ..data import build_dataset
     parts = [build_dataset(dataset, s, root, image_size=image_size, flip=False) for s in splits]
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
+#: The official ``precompute_fid_statistics.py``'s defaults: ``--batch_size`` 64 (the loaders' batch, which
+#: ``drop_last`` makes count) and ``--max_samples`` 50000.
+OFFICIAL_STATS_BATCH = 64
+OFFICIAL_STATS_IMAGES = 50000
+#: Data sets whose official loaders binarise every image (``datasets.py``: ``Binarize`` in
+#: ``_data_transforms_mnist``, for training and validation alike).
+OFFICIAL_BINARISED = frozenset({"mnist", "omniglot"})
+#: Namespace of the per-image seeds of the official reference images: ``derived_seed(.., seed, position)``.
+REFERENCE_IMAGE = "nvae-fid/reference-image"
+
+
+def official_selection(lengths: Sequence[int], seed: int = 0, batch_size: int = OFFICIAL_STATS_BATCH,
+                       max_images: Optional[int] = OFFICIAL_STATS_IMAGES) -> List[Tuple[int, int]]:
+    """``(part, index)`` of the images the official script reads, in its order.
+
+    ``lengths`` are the sizes of the chained splits (training first). Each split is read
+    through a ``torch.utils.data.DataLoader(range(n), batch_size, shuffle=True)`` whose
+    ``generator`` (one for all, seeded with ``seed``) decides the order; the training split's
+    loader drops its last partial batch (``drop_last=True``), the others do not, as the official
+    loaders. The first ``max_images`` of the stream are kept (all with None).
+    """
+    if batch_size < 1:
+        raise FIDError(f"batch_size must be at least 1, got {batch_size}")
+    g = torch.Generator().manual_seed(seed)
+    picked: List[Tuple[int, int]] = []
+    for part, n in enumerate(lengths):
+        if max_images is not None and len(picked) >= max_images:
+            break
+        for batch in DataLoader(range(n), batch_size=batch_size, shuffle=True, drop_last=part == 0, generator=g):
+            picked += [(part, int(i)) for i in batch]
+            if max_images is not None and len(picked) >= max_images:
+                break
+    return picked if max_images is None else picked[:max_images]
+
+
+class OfficialReference(Dataset):
+    """The official reference images of the chained ``parts`` (training split first): ``(image,)`` items.
+
+    Item ``k`` is image :func:`official_selection` ``[k]`` as its data set yields it, with every
+    random transform of that data set (flips, LSUN's crops) and the binarisation (``binarise``:
+    each pixel 1 with probability its grey level, as the official ``Binarize``) drawn from torch's
+    global generator re-seeded for the item with ``derived_seed(REFERENCE_IMAGE, seed, k)`` (and put
+    back afterwards), so the images are the same in any process and with any number of loader workers.
+    """
+
+    def __init__(self, parts: Sequence[Dataset], seed: int = 0, batch_size: int = OFFICIAL_STATS_BATCH,
+                 max_images: Optional[int] = OFFICIAL_STATS_IMAGES, binarise: bool = False):
+        self.parts = list(parts)
+        self.seed = seed
+        self.binarise = binarise
+        self.selection = official_selection([len(d) for d in self.parts], seed, batch_size, max_images)
+
+    def __len__(self):
+        return len(self.selection)
+
+    def __getitem__(self, k):
+        part, index = self.selection[k]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(REFERENCE_IMAGE, self.seed, k))
+            item = self.parts[part][index]
+            x = item[0] if isinstance(item, (list, tuple)) else item     # labels, where there are any, are dropped
+            if self.binarise:
+                x = torch.bernoulli(x)
+        return (x,)
+
+
+def official_reference_dataset(dataset: str, root: Optional[str] = None, image_size: Optional[int] = None,
+                               seed: int = 0, batch_size: int = OFFICIAL_STATS_BATCH,
+                               max_images: Optional[int] = OFFICIAL_STATS_IMAGES) -> OfficialReference:
+    """The images the official ``precompute_fid_statistics.py`` takes from ``dataset`` (module docstring),
+    seeded with ``seed``: the training split with its training transforms (the data set's default flips),
+    then for :data:`STATS_MERGED_SPLITS` the validation split, :class:`OfficialReference` over them,
+    binarised for :data:`OFFICIAL_BINARISED`."""
+    from ..data import build_dataset
+    parts = [build_dataset(dataset, "train", root, image_size=image_size)]
+    if dataset in STATS_MERGED_SPLITS:
+        parts.append(build_dataset(dataset, "test", root, image_size=image_size))
+    data = OfficialReference(parts, seed, batch_size, max_images, binarise=dataset in OFFICIAL_BINARISED)
+    if len(data) < 2:
+        raise FIDError(f"the official selection of {dataset} ({' + '.join(str(len(d)) for d in parts)} images, "
+                       f"batches of {batch_size} without the last partial training batch) holds {len(data)} "
+                       "image(s); FID statistics need 2 or more: use a smaller --batch-size")
+    return data

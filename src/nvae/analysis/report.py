@@ -1,15 +1,20 @@
-"""One self-contained HTML page per run: configs, training curves, evaluations, images, KL per group.
+"""One self-contained HTML page per run: training curves, images, KL per group, evaluations, configs.
 
 The page carries everything inline (PNG images and plots as ``data:`` URIs, a few lines
 of CSS), so it can be mailed, archived or opened offline; nothing refers to the network.
 What the page shows is read from the run directory itself, generically, so that outputs
 added by later commands appear without changes here:
 
-* every scalar tag of the run's TensorBoard events is plotted and tabulated (tags
-  ``PREFIX/group_N`` share one plot per prefix);
+* every scalar tag of the run's TensorBoard events is plotted, every logged point of it,
+  and tabulated (tags ``PREFIX/group_N`` share one plot per prefix); each plot's axes say
+  what they count (training step, or epoch for ``val/``) and in which unit (:data:`QUANTITIES`);
 * every ``*.json`` file in the run directory other than the two configs is an evaluation
-  and is shown as a table;
-* every PNG in the run directory that no other section shows goes to "Other images".
+  and is shown as tables (a list of records, as ``validation.json``'s, one row per record);
+* every PNG in the run directory that no other section shows, and that is not the same
+  picture as one shown, goes to "Other images".
+
+What a reader looks at first comes first: curves, then images, then numbers; the configs,
+long and rarely read, come last, folded.
 
 Images drawn from the checkpoint now (samples, reconstructions, partial posteriors) use a
 fixed seed, so two reports of the same checkpoint show the same pictures.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import html
 import io
 import json
@@ -31,13 +37,30 @@ import torch
 
 from ..formats.checkpoint import CheckpointError, atomic_write
 from ..formats.opened import OpenedCheckpoint, open_checkpoint
-from ..training.run_dir import check_output, load_weights
+from ..training.run_dir import check_output, load_weights, pair_columns
 
 CONFIG_FILES = ("model_config.json", "train_config.json")
 #: the curves a reader looks at first, in this order; every other tag follows (val/ first, then by name)
 HEADLINE_TAGS = ("train/nelbo", "train/recon", "train/kl", "train/lr", "train/skipped_steps", "train/grad_norm")
 GROUP_TAG = re.compile(r"^(?P<prefix>.+)/group_(?P<index>\d+)$")
 Scalars = Dict[str, List[Tuple[int, float]]]
+#: what each scalar the training logs measures, and its unit ("" for a pure number): the y axis of its curve.
+#: Keys are tags, or the prefix of ``PREFIX/group_N`` tags. Validation (``val/``) is logged once per epoch.
+QUANTITIES: Dict[str, Tuple[str, str]] = {
+    "train/nelbo": ("NELBO", "nats/image"), "train/recon": ("reconstruction term", "nats/image"),
+    "train/kl": ("KL, all groups", "nats/image"), "train/lr": ("learning rate", ""),
+    "train/kl_coeff": ("KL weight beta", ""), "train/lambda": ("lambda, SR + BN weight", ""),
+    "train/spectral_loss": ("spectral loss L_SR", ""), "train/bn_loss": ("BN loss L_BN", ""),
+    "train/grad_norm": ("gradient norm (L2)", ""), "train/skipped_steps": ("steps skipped so far", "count"),
+    "train/clipped_steps": ("steps clipped so far", "count"),
+    "kl": ("KL", "nats/image"), "active": ("active channels", "count"), "kl_balance": ("KL balance coefficient", ""),
+    "val/neg_log_p": ("-log p(x)", "nats/image"), "val/nelbo": ("NELBO", "nats/image"),
+    "val/bpd_log_p": ("-log p(x)", "bits/dim"), "val/bpd_elbo": ("NELBO", "bits/dim"),
+}
+#: fewer training points than this and the page says how to log more
+FEW_POINTS = 10
+#: the run's own PNG grids narrower than this (pixels) are shown enlarged, so an 8x8 grid of digits is readable
+RUN_PNG_WIDTH = 240
 
 
 @dataclass(frozen=True)
@@ -131,12 +154,20 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img src="{png_data_uri(png)}" alt="{html.escape(alt)}">'
+def _img(png: bytes, alt: str, min_width: int = 0) -> str:
+    """An inline image; one narrower than ``min_width`` pixels is shown enlarged by a whole factor (pixelated)."""
+    size = ""
+    if min_width:
+        from PIL import Image
+        with Image.open(io.BytesIO(png)) as im:
+            width = im.width
+        zoom = min(4, -(-min_width // max(1, width)))
+        size = f' width="{width * zoom}"' if zoom > 1 else ""
+    return f'<img src="{png_data_uri(png)}" alt="{html.escape(alt)}"{size}>'
 
 
-def _figure(png: bytes, caption: str) -> str:
-    return f"<figure>{_img(png, caption)}<figcaption>{html.escape(caption)}</figcaption></figure>\n"
+def _figure(png: bytes, caption: str, min_width: int = 0) -> str:
+    return f"<figure>{_img(png, caption, min_width)}<figcaption>{html.escape(caption)}</figcaption></figure>\n"
 
 
 def _table(rows: Sequence[Sequence], header: Optional[Sequence[str]] = None) -> str:
@@ -145,13 +176,35 @@ def _table(rows: Sequence[Sequence], header: Optional[Sequence[str]] = None) -> 
     return f"<table>{head}\n{body}</table>\n"
 
 
+def _folded(summary: str, body: str) -> str:
+    """``body`` folded under a one-line ``summary`` the reader clicks to open."""
+    return f"<details><summary>{html.escape(summary)}</summary>\n{body}</details>\n"
+
+
 def _text(value) -> str:
+    if value is None:
+        return "(none)"
     if isinstance(value, float):
         return f"{value:.6g}"
+    if _numbers(value):
+        shown = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value[:64])
+        return shown + (f", ... ({len(value)} values)" if len(value) > 64 else "")
+    if isinstance(value, (list, tuple)) and value and all(_numbers(v) for v in value):   # a matrix
+        count = sum(len(v) for v in value)
+        if count <= 64:
+            return "; ".join(_text(v) for v in value)
+        flat = [x for v in value for x in v]
+        return f"{len(value)} lists, {count} numbers from {min(flat):.4g} to {max(flat):.4g} (in the file)"
     if isinstance(value, (list, tuple, dict)):
         text = json.dumps(value)
         return text if len(text) <= 200 else text[:197] + "..."
     return str(value)
+
+
+def _numbers(value) -> bool:
+    """Whether ``value`` is a list of plain numbers."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 def _flatten(obj, prefix: str = "") -> List[Tuple[str, object]]:
@@ -217,17 +270,24 @@ def run_section(run_dir: Path, ckpt: Path, stored: dict, weights: str) -> Sectio
     return sec
 
 
+def _config_of(run_dir: Path, stored: dict, name: str):
+    """The config ``name`` (one of :data:`CONFIG_FILES`) as a dict: the run's JSON file, else the checkpoint's
+    copy; an exception when the file cannot be read; None when there is neither."""
+    path = run_dir / name
+    if path.is_file():
+        return _read_json(path)
+    return stored.get(dict(zip(CONFIG_FILES, ("config", "train_config")))[name])
+
+
 def configs_section(run_dir: Path, stored: dict) -> Section:
-    """The model and training configs: the run's JSON files, else the checkpoint's copies."""
+    """The model and training configs (the run's JSON files, else the checkpoint's copies), each folded."""
     sec = Section("configs", "Configs")
-    for name, key in zip(CONFIG_FILES, ("config", "train_config")):
-        path = run_dir / name
-        config = _read_json(path) if path.is_file() else stored.get(key)
-        sec.body += f"<h3>{html.escape(name)}</h3>\n"
+    for name in CONFIG_FILES:
+        config = _config_of(run_dir, stored, name)
         if isinstance(config, dict):
-            sec.body += _table(sorted(config.items()), ("field", "value"))
+            sec.body += _folded(f"{name}: {len(config)} fields", _table(sorted(config.items()), ("field", "value")))
         elif isinstance(config, Exception):
-            sec.note(f"{path} could not be read: {config}")
+            sec.note(f"{run_dir / name} could not be read: {config}")
         else:
             sec.note(f"no {name} in the run directory and none in the checkpoint")
     return sec
@@ -257,7 +317,29 @@ def _plot_groups(scalars: Scalars) -> List[Tuple[str, List[str]]]:
     return sorted(plots, key=order)
 
 
-def _curve_png(title: str, tags: List[str], scalars: Scalars) -> bytes:
+def _quantity(key: str) -> Tuple[str, str]:
+    """(what, unit) of the tag or per-group prefix ``key``; a guess from its name for tags not in QUANTITIES."""
+    if key in QUANTITIES:
+        return QUANTITIES[key]
+    name = key.rsplit("/", 1)[-1]
+    if "bpd" in name:
+        return name, "bits/dim"
+    if any(word in name for word in ("nelbo", "nll", "neg_log_p", "kl", "recon")):
+        return name, "nats/image"
+    return name, "unit not recorded"
+
+
+def axis_labels(tags: Sequence[str]) -> Tuple[str, str]:
+    """(x label, y label) of the plot of ``tags`` (one tag, or the ``PREFIX/group_N`` tags of one prefix):
+    validation is logged per epoch, everything else per training step; y says what and in which unit."""
+    m = GROUP_TAG.match(tags[0])
+    what, unit = _quantity(m["prefix"] if m else tags[0])
+    x = "epoch (counted from 0)" if tags[0].startswith("val/") else "training step"
+    return x, f"{what} ({unit})" if unit else what
+
+
+def curve_figure(title: str, tags: List[str], scalars: Scalars):
+    """The matplotlib figure of ``tags``: every logged point, axes labelled by :func:`axis_labels`."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 2.8))
     for tag in tags:
@@ -269,34 +351,113 @@ def _curve_png(title: str, tags: List[str], scalars: Scalars) -> bytes:
     finite = [v for tag in tags for _, v in scalars[tag] if math.isfinite(v)]
     if finite and min(finite) > 0 and max(finite) / min(finite) > 1e3:
         ax.set_yscale("log")   # a loss that falls by orders of magnitude stays readable
+    from matplotlib.ticker import MaxNLocator
+    xs = sorted({x for tag in tags for x, _ in scalars[tag]})
+    if all(float(x).is_integer() for x in xs):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))   # no "epoch 2.5"
+    if len(xs) == 1:   # one validation so far: its epoch as the one tick, not a range of +-0.05
+        ax.set_xlim(xs[0] - 1, xs[0] + 1)
+        ax.set_xticks([xs[0]])
+    xlabel, ylabel = axis_labels(tags)
+    if ylabel.endswith("(count)") and finite:   # whole numbers, 0 in view
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+        ax.set_ylim(min(0, min(finite)) - 0.5, max(1, max(finite)) + 0.5)
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     fig.tight_layout()
-    return figure_png(fig)
+    return fig
 
 
-def curves_section(run_dir: Path, scalars: Scalars) -> Section:
-    """Every scalar of the run's events: one plot per tag (per prefix for per-group tags) and a table."""
+def _few_points_note(scalars: Scalars, train_config) -> Optional[str]:
+    """Why the curves are sparse and how to log more: training curves of fewer than FEW_POINTS points,
+    validation curves of fewer than 3."""
+    train = [points for tag, points in scalars.items() if not tag.startswith("val/")]
+    val = [len(points) for tag, points in scalars.items() if tag.startswith("val/")]
+    text = []
+    if train and max(map(len, train)) < FEW_POINTS:
+        last = max(points[-1][0] for points in train)
+        every = train_config.get("log_every") if isinstance(train_config, dict) else None
+        text.append(f"The training curves have at most {max(map(len, train))} points, each curve every point the "
+                    "run logged: ")
+        if every == 1:
+            text.append(f"it logged every step, and it is {last} steps long.")
+        else:
+            how = f"every {every} steps (log_every)" if every else "every log_every steps"
+            text.append(f"it logged its training scalars {how}, up to step {last}. For denser curves train with "
+                        f"--train log_every=N, e.g. N = {max(1, last // 50)}.")
+    if val and max(val) < 3:
+        text.append(f" The validation curves have {max(val)} point{'s' * (max(val) != 1)}: one per validation, "
+                    "which runs after every epoch of a run of up to 50 epochs, else after every 20th (the official "
+                    "schedule), or every N epochs with --eval-every N.")
+    return "".join(text).strip() or None
+
+
+def curves_section(run_dir: Path, scalars: Scalars, train_config=None) -> Section:
+    """Every scalar of the run's events: one plot per tag (per prefix for per-group tags) and a table.
+    ``train_config`` (the run's, as a dict) says how often training logged, for the note on sparse curves."""
     sec = Section("curves", "Training curves")
     if not scalars:
         return sec.note(f"no TensorBoard events with scalars in {run_dir}; the run logged none "
                         "(or its events were removed)")
+    note = _few_points_note(scalars, train_config)
+    if note:
+        sec.note(note)
     sec.body += '<div class="grid">\n'
     for title, tags in _plot_groups(scalars):
-        sec.body += _figure(_curve_png(title, tags, scalars), title)
+        xlabel, ylabel = axis_labels(tags)
+        counts = sorted({len(scalars[t]) for t in tags})
+        points = f"{counts[0]} point{'s' * (counts[0] != 1)}" if len(counts) == 1 else \
+            f"{counts[0]} to {counts[-1]} points"
+        sec.body += _figure(figure_png(curve_figure(title, tags, scalars)),
+                            f"{title}: {points}; x: {xlabel}, y: {ylabel}")
     sec.body += "</div>\n"
     rows = []
     for tag, points in sorted(scalars.items()):
         values = [v for _, v in points]
-        rows.append((tag, len(points), points[0][0], points[-1][0], points[-1][1], min(values), max(values)))
-    sec.body += "<h3>Every scalar</h3>\n"
-    sec.body += _table(rows, ("tag", "points", "first step", "last step", "last value", "min", "max"))
+        x = "epoch" if tag.startswith("val/") else "step"
+        unit = _quantity((GROUP_TAG.match(tag) or {"prefix": tag})["prefix"])[1] or "-"
+        rows.append((tag, unit, x, len(points), points[0][0], points[-1][0], points[-1][1], min(values),
+                     max(values)))
+    sec.body += _folded(f"Every scalar: {len(rows)} tags, their points, last value, min and max",
+                        _table(rows, ("tag", "unit", "x", "points", "first x", "last x", "last value", "min",
+                                      "max")))
     return sec
 
 
+def _is_records(value) -> bool:
+    """A list of JSON objects (as ``validation.json``'s evaluations): shown as a table, one row per object."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _evaluation_tables(content) -> str:
+    """One result JSON as tables: its single values as key / value (/ unit) rows, then each list of records as
+    a table of its own, a column per key; the units the file records (its ``units`` object) in the headers."""
+    if not isinstance(content, dict):
+        return _table(_flatten(content), ("key", "value"))
+    units = content.get("units") if isinstance(content.get("units"), dict) else {}
+    single = {k: v for k, v in content.items() if not _is_records(v) and not (k == "units" and units)}
+    out = ""
+    if single:
+        rows = _flatten(single)
+        if any(k in units for k, _ in rows):
+            out += _table([(k, v, units.get(k, "")) for k, v in rows], ("key", "value", "unit"))
+        else:
+            out += _table(rows, ("key", "value"))
+    for key, records in content.items():
+        if not _is_records(records):
+            continue
+        flat = [dict(_flatten(r)) for r in records]
+        columns = list(dict.fromkeys(c for r in flat for c in r))
+        header = [f"{c} ({units[c]})" if c in units else c for c in columns]
+        out += f"<p>{html.escape(key)}: {len(flat)} record{'s' * (len(flat) != 1)}</p>\n"
+        out += _table([[r.get(c, "") for c in columns] for r in flat], header)
+    return out
+
+
 def evaluations_section(run_dir: Path) -> Section:
-    """Every result JSON of the run directory, one table each."""
+    """Every result JSON of the run directory, as tables."""
     sec = Section("evaluations", "Evaluations")
     files = evaluation_files(run_dir)
     if not files:
@@ -308,18 +469,34 @@ def evaluations_section(run_dir: Path) -> Section:
         if isinstance(content, Exception):
             sec.note(f"could not be read: {content}")
         else:
-            sec.body += _table(_flatten(content), ("key", "value"))
+            sec.body += _evaluation_tables(content)
     return sec
 
 
 def other_images_section(run_dir: Path, shown: set) -> Section:
-    """Every PNG of the run directory that no other section shows."""
+    """Every PNG of the run directory that no other section shows, and that is not the same picture
+    (byte for byte) as one they show."""
     sec = Section("other-images", "Other images")
-    rest = [p for p in sorted(run_dir.glob("*.png")) if p.resolve() not in shown and p.is_file()]
-    if not rest:
-        return sec.note("no other PNG in the run directory")
-    for path in rest:
-        sec.body += _figure(path.read_bytes(), path.name)
+    seen = {hashlib.sha256(p.read_bytes()).hexdigest(): p.name for p in sorted(shown) if p.is_file()}
+    rest, same = [], []
+    for path in sorted(run_dir.glob("*.png")):
+        if path.resolve() in shown or not path.is_file():
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in seen:
+            same.append(f"{path.name} (= {seen[digest]})")
+        else:
+            seen[digest] = path.name
+            rest.append(path)
+    if rest:
+        sec.body += '<div class="grid">\n'
+        for path in rest:
+            _run_png(sec, path, path.name)
+        sec.body += "</div>\n"
+    if same:
+        sec.note("not repeated, the same picture as one shown: " + ", ".join(same))
+    if not rest and not same:
+        sec.note("no other PNG in the run directory")
     return sec
 
 
@@ -338,7 +515,7 @@ def _run_png(sec: Section, path: Path, caption: str) -> None:
     data = path.read_bytes()
     sec.images.append(path.resolve())
     if _png_ok(data):
-        sec.body += _figure(data, caption)
+        sec.body += _figure(data, caption, min_width=RUN_PNG_WIDTH)
     else:
         sec.note(f"{path.name} is not a readable PNG (damaged or truncated); not shown")
 
@@ -363,7 +540,8 @@ def samples_section(model, run_dir: Path, options: ReportOptions) -> Section:
     sec = Section("samples", "Samples")
     if model is None:
         sec.note("not drawn from the checkpoint (--no-images / draw_images=False)")
-    else:
+    sec.body += '<div class="grid">\n'
+    if model is not None:
         n = options.num_samples
         for t in options.temperatures:
             images = model.sample(n, t, _generator(options))
@@ -374,6 +552,12 @@ def samples_section(model, run_dir: Path, options: ReportOptions) -> Section:
     for path in found:
         _run_png(sec, path, f"{path.name}: " + ("the last grid written during training (temperature 1)"
                                                  if path.name == "samples.png" else "written by nvae sample"))
+    validation = sorted(p for p in run_dir.glob("val_samples_t*.png") if p.is_file())
+    for path in validation:
+        t = path.stem[len("val_samples_t"):]
+        _run_png(sec, path, f"{path.name}: the grid of the latest validation, temperature {t} (BN in eval mode)")
+    found += validation
+    sec.body += "</div>\n"
     if model is None and not found:
         sec.note("the run directory holds no samples*.png either")
     return sec
@@ -386,22 +570,50 @@ def _inputs(model, data, options: ReportOptions) -> torch.Tensor:
     return prepare_batch(x, model.config, _generator(options))
 
 
-def reconstructions_section(model, inputs: Optional[torch.Tensor], why: str, run_dir: Path) -> Section:
-    """Inputs beside their reconstructions (posterior means), and the run's own grid."""
+def reconstructions_section(model, inputs: Optional[torch.Tensor], why: str, run_dir: Path,
+                            image_size: Optional[int] = None) -> Section:
+    """Inputs beside their reconstructions (posterior means), each pair on one row (``pair_columns``), and the
+    run's own grid (its layout read from its size, given the model's ``image_size``)."""
     from .sampling import reconstructions
     sec = Section("reconstructions", "Reconstructions")
+    if inputs is None:
+        sec.note(f"not drawn now: {why}")
+    sec.body += '<div class="grid">\n'
     if inputs is not None:
         pairs = reconstructions(model, inputs, 0.0)
-        sec.body += _figure(tensor_png(pairs, nrow=2 * min(4, len(inputs))),
-                            f"{len(inputs)} inputs, each beside its reconstruction from the posterior means")
-    else:
-        sec.note(f"not drawn now: {why}")
+        columns = pair_columns(len(inputs))
+        sec.body += _figure(tensor_png(pairs, nrow=columns),
+                            f"{len(inputs)} inputs, each with its reconstruction from the posterior means on its "
+                            f"right: {columns // 2} pairs per row")
     path = run_dir / "reconstructions.png"
     if path.is_file():
-        _run_png(sec, path, "reconstructions.png: the last grid written during training (input, reconstruction)")
-    elif inputs is None:
+        columns = _grid_columns(path, image_size)
+        layout = "input, reconstruction" if columns is None else (
+            f"{columns // 2} (input, reconstruction) pairs per row" if columns % 2 == 0 else
+            f"{columns} images per row, an odd number (a run of an older nvae): read it as input, reconstruction, "
+            "input, ... in reading order; a pair can wrap onto the next row")
+        _run_png(sec, path, f"reconstructions.png: the last grid written during training, {layout}")
+    sec.body += "</div>\n"
+    if not path.is_file() and inputs is None:
         sec.note("the run directory holds no reconstructions.png either")
     return sec
+
+
+def _grid_columns(path: Path, image_size: Optional[int]) -> Optional[int]:
+    """Images per row of a grid the training wrote (``run_dir.save_grid``: tiles of ``image_size`` scaled up,
+    1 pixel apart), or None where its size does not say."""
+    from PIL import Image
+    if not image_size:
+        return None
+    tile = image_size * max(1, 128 // (image_size * 8)) + 1
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (OSError, ValueError):
+        return None
+    if (width - 1) % tile or (height - 1) % tile:
+        return None
+    return (width - 1) // tile
 
 
 def partial_posterior_section(model, inputs: Optional[torch.Tensor], why: str,
@@ -460,6 +672,7 @@ def kl_section(model, data, why: str, run_dir: Path, options: ReportOptions) -> 
     ``kl_stats*.json`` when the model cannot be run on data."""
     from .likelihood import kl_statistics
     sec = Section("kl", "KL and active units per group")
+    plots = sorted(p for p in run_dir.glob("kl_stats*.png") if p.is_file())   # nvae kl-stats's plots of the same
     if model is not None and data is not None:
         stats = kl_statistics(model, data, max_images=options.kl_images, progress=options.progress,
                               generator=_generator(options))
@@ -467,12 +680,20 @@ def kl_section(model, data, why: str, run_dir: Path, options: ReportOptions) -> 
     else:
         stats, name = _kl_from_json(run_dir)
         if stats is None:
-            return sec.note(f"not computed: {why}; and the run directory holds no kl_stats*.json "
-                            "(nvae kl-stats RUN writes one)")
+            sec.note(f"not computed: {why}; and the run directory holds no kl_stats*.json "
+                     "(nvae kl-stats RUN writes one)")
+            for path in plots:
+                _run_png(sec, path, f"{path.name}: written by nvae kl-stats")
+            return sec
         source = f"read from {name} (not computed now: {why})"
     sec.body += (f"<p>{html.escape(source)}; a unit is active when its average KL exceeds "
                  f"{stats.threshold:g} nats.</p>\n")
     sec.body += _figure(_kl_png(stats), "KL per group (top) and active units (bottom)")
+    if plots:   # the same kind of plot, of the same statistics: shown once
+        sec.images += [p.resolve() for p in plots]
+        sec.body += (f"<p>Not repeated: {html.escape(', '.join(p.name for p in plots))}, nvae kl-stats's plot of "
+                     "the same statistics (over its own split and number of images: its numbers are under "
+                     "Evaluations).</p>\n")
     rows = [(i, kl, active) for i, (kl, active) in enumerate(zip(stats.kl_per_group, stats.active_units))]
     sec.body += _table(rows, ("group", "KL (nats/image)", f"active units (of {stats.units_per_group})"))
     return sec
@@ -496,8 +717,10 @@ def _opened(ckpt: Path) -> Optional[OpenedCheckpoint]:
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px;color:#222}
 h2{border-bottom:1px solid #ccc;padding-top:.5em}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:2px 8px;font-size:13px;text-align:left;vertical-align:middle}
-.grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:4px}figcaption{font-size:12px;color:#555;max-width:420px}
-img{image-rendering:pixelated}.note{color:#8a4b00;background:#fff6e5;padding:4px 8px}"""
+.grid{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}figure{margin:4px}
+figcaption{font-size:12px;color:#555;max-width:380px}#curves figure{width:380px}
+img{image-rendering:pixelated}.note{color:#8a4b00;background:#fff6e5;padding:4px 8px}
+summary{cursor:pointer;margin:.5em 0;font-size:14px}"""
 
 
 def render_page(title: str, sections: Sequence[Section]) -> str:
@@ -538,8 +761,8 @@ def _model_and_inputs(source: Union[Path, OpenedCheckpoint], options: ReportOpti
 def build_report(run: Union[str, Path], options: ReportOptions = ReportOptions()) -> str:
     """The HTML page of the run in ``run`` (a run directory or a checkpoint file in one), as text.
 
-    Sections: run, configs, training curves, evaluations, samples, reconstructions, partial
-    posteriors, KL and active units, other images; one that lacks its inputs says why.
+    Sections: run, training curves, samples, reconstructions, partial posteriors, KL and active
+    units, evaluations, other images, configs (folded); one that lacks its inputs says why.
     """
     from tqdm import tqdm
     run_dir, ckpt = _locate(run)
@@ -547,19 +770,22 @@ def build_report(run: Union[str, Path], options: ReportOptions = ReportOptions()
     stored = source.state if source is not None else {}
     # an unreadable checkpoint is read once more only to say why, when images are asked for
     model, weights, data, inputs, why = _model_and_inputs(source or ckpt, options)
+    model_config = _config_of(run_dir, stored, "model_config.json")
+    image_size = model.config.image_size if model is not None else \
+        model_config.get("image_size") if isinstance(model_config, dict) else None
     steps = [
         lambda: run_section(run_dir, ckpt, stored, weights),
-        lambda: configs_section(run_dir, stored),
-        lambda: curves_section(run_dir, read_scalars(run_dir)),
-        lambda: evaluations_section(run_dir),
+        lambda: curves_section(run_dir, read_scalars(run_dir), _config_of(run_dir, stored, "train_config.json")),
         lambda: samples_section(model, run_dir, options),
-        lambda: reconstructions_section(model, inputs, why, run_dir),
+        lambda: reconstructions_section(model, inputs, why, run_dir, image_size),
         lambda: partial_posterior_section(model, inputs, why, options),
         lambda: kl_section(model, data, why, run_dir, options),
+        lambda: evaluations_section(run_dir),
     ]
     sections = [make() for make in tqdm(steps, desc="report sections", disable=not options.progress)]
     shown = {p for s in sections for p in s.images}
     sections.append(other_images_section(run_dir, shown))
+    sections.append(configs_section(run_dir, stored))
     return render_page(f"nvae run {run_dir.resolve().name}", sections)
 
 

@@ -1,6 +1,16 @@
-"""Sampling helpers: BN re-adjustment for low-temperature samples (paper, Section 5; the official ``evaluate.py``)."""
+"""Sampling helpers: BN re-adjustment for low-temperature samples (paper, Section 5; the official ``evaluate.py``).
+
+The official ``evaluate.py`` (``set_bn``) re-adjusts with the model in training mode under
+``torch.cuda.amp.autocast`` (float16 on CUDA) for 500 steps: batches of 16 prior samples in its
+``sample`` mode and of 2 in its ``evaluate_fid`` mode. (Its first release, which had no FID mode,
+used batches of 36 in ``sample`` mode.) :func:`readjust_bn` defaults to 500 steps of 36 in float32,
+which is ours (``nvae sample --readjust-bn``); ``autocast=True`` asks for the official float16
+autocast where the model is on CUDA, and runs in float32 elsewhere (autocast in float16 exists only
+on CUDA in the official code; nothing is emulated on CPU).
+"""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -18,18 +28,32 @@ def decoder_bn_layers(model: NVAE) -> Dict[str, nn.modules.batchnorm._BatchNorm]
             if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
+def bn_autocast(model: NVAE, enabled: bool):
+    """The context BN re-adjustment runs in: float16 autocast when ``enabled`` and ``model`` is on CUDA
+    (the official ``set_bn``), else nothing (float32)."""
+    if enabled and next(model.parameters()).device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def readjust_precision(model: NVAE, autocast: bool) -> str:
+    """``"float16 autocast"`` or ``"float32"``: what :func:`readjust_bn` with ``autocast`` runs in for ``model``."""
+    return "float16 autocast" if autocast and next(model.parameters()).device.type == "cuda" else "float32"
+
+
 @torch.no_grad()
 def readjust_bn(model: NVAE, temperature: Temperature, steps: int = 500, batch_size: int = 36,
-                generator: Optional[torch.Generator] = None, progress: bool = False) -> NVAE:
+                generator: Optional[torch.Generator] = None, progress: bool = False, autocast: bool = False) -> NVAE:
     """Re-estimate the decoder's BN running statistics from prior samples at ``temperature``.
 
     BN layers run in training mode for ``steps`` batches of ``batch_size`` prior samples
     (their batch statistics update the running averages with the usual momentum), then
     the model returns to eval mode. Only decoder BN statistics change; no weight does.
-    The official code uses 500 steps of 36 samples.
+    The defaults (500 x 36, float32) are ours; the official numbers are in the module
+    docstring. ``autocast``: float16 autocast on CUDA, as the official code (:func:`bn_autocast`).
     """
     from tqdm import tqdm
-    with training_mode(model, True):
+    with training_mode(model, True), bn_autocast(model, autocast):
         for _ in tqdm(range(steps), desc="BN re-adjustment", disable=not progress):
             model.sample_logits(batch_size, temperature, generator)
     return model.eval()
@@ -43,12 +67,14 @@ def bn_cache_path(checkpoint: Union[str, Path], temperature: Temperature, steps:
 
 def readjust_bn_cached(model: NVAE, checkpoint: Union[str, Path], temperature: Temperature, steps: int = 500,
                        batch_size: int = 36, generator: Optional[torch.Generator] = None,
-                       progress: bool = False) -> bool:
+                       progress: bool = False, autocast: bool = False) -> bool:
     """:func:`readjust_bn`, reusing statistics cached beside ``checkpoint``; True if the cache was used.
 
     The cache records the SHA-256 of the weights and statistics it was computed from
     (``model`` as given, before re-adjustment): after more training the checkpoint's
-    weights change, and the stale statistics are recomputed rather than reused.
+    weights change, and the stale statistics are recomputed rather than reused. The cache's
+    name holds the temperature and the steps only: statistics of another batch size or precision
+    need a ``checkpoint`` name of their own (:func:`nvae.analysis.fid_protocol.bn_cache_checkpoint`).
     """
     path = bn_cache_path(checkpoint, temperature, steps)
     layers = decoder_bn_layers(model)
@@ -64,7 +90,7 @@ def readjust_bn_cached(model: NVAE, checkpoint: Union[str, Path], temperature: T
                 return True
         except (CheckpointError, KeyError, RuntimeError, AttributeError):
             pass   # a stale or damaged cache is recomputed and overwritten
-    readjust_bn(model, temperature, steps, batch_size, generator, progress)
+    readjust_bn(model, temperature, steps, batch_size, generator, progress, autocast)
     state = {"weights_sha256": weights}
     for name, m in layers.items():
         state[f"{name}.running_mean"] = m.running_mean.clone()

@@ -12,9 +12,16 @@ _FID_WEIGHTS_HELP = ("local copy of pytorch-fid's pt_inception-2015-12-05-672682
 
 
 def cmd_fid_stats(args: argparse.Namespace) -> int:
-    """``nvae fid-stats``: Inception statistics of a data set's split(s), written to ``--output``."""
+    """``nvae fid-stats``: Inception statistics of a data set's reference images, written to ``--output``.
+
+    ``--protocol ours`` (default): every image of the split(s), in order, as stored.
+    ``--protocol official``: the images of the official ``precompute_fid_statistics.py``, drawn with ``--seed``
+    (:func:`nvae.analysis.fid_protocol.official_reference_dataset`). How they were chosen is printed and
+    stored in the file (``meta``).
+    """
     from ..analysis.fid import NO_WEIGHTS_MESSAGE, FIDError, InceptionFeatures, dataset_statistics, save_statistics
-    from ..analysis.fid_protocol import stats_dataset, stats_splits
+    from ..analysis.fid_protocol import (OFFICIAL_BINARISED, OFFICIAL_STATS_BATCH, OFFICIAL_STATS_IMAGES,
+                                         official_reference_dataset, stats_dataset, stats_splits)
 
     if args.inception_weights is None:
         raise FIDError(NO_WEIGHTS_MESSAGE)
@@ -22,18 +29,42 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
         raise FIDError(f"--output must end in .npz (pytorch-fid recognises statistics by it), got {args.output}")
     if args.max_images is not None and args.max_images < 2:
         raise FIDError(f"--max-images must be at least 2, got {args.max_images}")
-    if args.subset_seed is not None and args.max_images is None:
-        raise FIDError("--subset-seed picks --max-images N images at random; give --max-images too (the official "
-                       "script uses 50000)")
-    splits = stats_splits(args.dataset, args.split)
+    official = args.protocol == "official"
+    if official:
+        for given, name in ((args.split, "--split"), (args.subset_seed, "--subset-seed")):
+            if given is not None:
+                raise FIDError(f"{name} is not taken under --protocol official, whose images are the official "
+                               "script's (its splits, a shuffled loader seeded by --seed); drop it or use "
+                               "--protocol ours")
+    elif args.subset_seed is not None and args.max_images is None:
+        raise FIDError("--subset-seed picks --max-images N images at random; give --max-images too")
     inception = InceptionFeatures(args.inception_weights, args.device, args.dims)
-    data = stats_dataset(args.dataset, splits, args.data, args.image_size)
-    mu, sigma = dataset_statistics(data, inception, batch_size=args.batch_size, max_images=args.max_images,
-                                   num_workers=args.num_workers, progress=not args.no_progress,
-                                   subset_seed=args.subset_seed)
-    n = len(data) if args.max_images is None else min(args.max_images, len(data))
-    out = save_statistics(args.output, mu, sigma)
-    print(f"wrote {out}: {args.dims} Inception features of {n} images of {args.dataset} ({'+'.join(splits)})")
+    if official:
+        batch = args.batch_size or OFFICIAL_STATS_BATCH
+        limit = OFFICIAL_STATS_IMAGES if args.max_images is None else args.max_images
+        splits = stats_splits(args.dataset)          # the official script's: train (+ validation for two sets)
+        data = official_reference_dataset(args.dataset, args.data, args.image_size, args.seed, batch, limit)
+        n = len(data)
+        info = {"protocol": "official", "seed": args.seed, "dataset": args.dataset, "splits": list(splits),
+                "images": n, "loader_batch_size": batch, "drop_last": True, "max_images": limit,
+                "training_transforms": True, "binarised": args.dataset in OFFICIAL_BINARISED}
+        mu, sigma = dataset_statistics(data, inception, batch_size=batch, num_workers=args.num_workers,
+                                       progress=not args.no_progress)
+        how = (f"official protocol, seed {args.seed}: shuffled, batches of {batch} without the last partial "
+               f"training batch, training transforms{', binarised' if info['binarised'] else ''}")
+    else:
+        batch = args.batch_size or 50
+        splits = stats_splits(args.dataset, args.split)
+        data = stats_dataset(args.dataset, splits, args.data, args.image_size)
+        mu, sigma = dataset_statistics(data, inception, batch_size=batch, max_images=args.max_images,
+                                       num_workers=args.num_workers, progress=not args.no_progress,
+                                       subset_seed=args.subset_seed)
+        n = len(data) if args.max_images is None else min(args.max_images, len(data))
+        info = {"protocol": "ours", "dataset": args.dataset, "splits": list(splits), "images": n,
+                "max_images": args.max_images, "subset_seed": args.subset_seed}
+        how = "our protocol: " + ("in order" if args.subset_seed is None else f"a subset seeded {args.subset_seed}")
+    out = save_statistics(args.output, mu, sigma, info={**info, "dims": args.dims})
+    print(f"wrote {out}: {args.dims} Inception features of {n} images of {args.dataset} ({'+'.join(splits)}), {how}")
     return 0
 
 
@@ -102,19 +133,30 @@ def add_fid_parsers(sub) -> None:
     p = sub.add_parser("fid-stats", help="Inception statistics of a data set for FID (.npz, pytorch-fid format)")
     p.add_argument("--dataset", required=True, help="data set name (as for training)")
     p.add_argument("--data", default=None, help="folder holding the data set's files")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="ours",
+                   help="ours (default): every image of the split(s), in order, as stored; official: the images of "
+                        "the official precompute_fid_statistics.py: the training loader shuffled (seeded by --seed), "
+                        "with its random flips, batches of --batch-size (64) without the last partial one, MNIST "
+                        "and Omniglot binarised, the validation split after it for celebahq256 and omniglot, the "
+                        "first --max-images (50000)")
+    p.add_argument("--seed", type=non_negative, default=0,
+                   help="under --protocol official: seeds the shuffling, flips and binarisation (default 0)")
     p.add_argument("--split", "--splits", dest="split", default=None, metavar="train|test|train,test",
-                   help="split(s), merged in that order (default: as the official script, train,test for "
-                        "celebahq256 and omniglot, train for the others)")
+                   help="--protocol ours: split(s), merged in that order (default: the official script's, "
+                        "train,test for celebahq256 and omniglot, train for the others)")
     p.add_argument("--image-size", type=count, default=None,
                    help="side of the images for resizable data sets (default: the data set's); use the model's")
     p.add_argument("--inception-weights", default=None, metavar="PATH", help=_FID_WEIGHTS_HELP)
     p.add_argument("--output", "-o", required=True, help="statistics file to write (.npz)")
-    p.add_argument("--max-images", type=count, default=None, help="use only the first N images")
+    p.add_argument("--max-images", type=count, default=None,
+                   help="use only the first N images (default: all; 50000 under --protocol official)")
     p.add_argument("--subset-seed", type=int, default=None, metavar="SEED",
-                   help="with --max-images N: N images drawn at random (seeded) instead of the first N")
+                   help="--protocol ours with --max-images N: N images drawn at random (seeded) instead of the first N")
     p.add_argument("--dims", type=int, default=2048, choices=FEATURE_DIMS,
                    help="Inception features (2048: standard FID)")
-    p.add_argument("--batch-size", type=count, default=50)
+    p.add_argument("--batch-size", type=count, default=None,
+                   help="images per batch (default 50; 64 under --protocol official, where it is also the "
+                        "loader's batch whose last partial training batch is dropped)")
     p.add_argument("--num-workers", type=non_negative, default=0, help="data loader worker processes")
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -135,11 +177,13 @@ def add_fid_parsers(sub) -> None:
                    help="re-estimate the decoder's BN statistics at -t first (cached beside the checkpoint)")
     p.add_argument("--readjust-steps", type=count, default=500)
     p.add_argument("--readjust-batch", type=count, default=None,
-                   help="samples per re-adjustment step (default: 2 official, 36 ours as nvae sample)")
+                   help="samples per re-adjustment step (default: 2 official, as its evaluate_fid mode, under "
+                        "float16 autocast on CUDA; 36 ours, as nvae sample, in float32)")
     p.add_argument("--batch-size", type=count, default=100, help="images per batch (a batch's seed: --seed, index)")
-    p.add_argument("--reduction", choices=REDUCTIONS, default="pooled",
+    p.add_argument("--reduction", choices=REDUCTIONS, default=None,
                    help="under torchrun: pooled = statistics of all images (any number of processes gives the "
-                        "same), average = mean of the processes' statistics (the official code's)")
+                        "same), average = mean of the processes' statistics (the official code's). Default: "
+                        "average under --protocol official, pooled under ours")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device, default="cpu",
                    help="torch device; under torchrun cuda means cuda:LOCAL_RANK")

@@ -180,7 +180,8 @@ def add_parsers(sub) -> None:
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
     p.add_argument("-n", type=count, default=64,
                    help="number of samples; more than --batch: numbered .npz chunks in samples_T/, resumable")
-    p.add_argument("--batch", type=count, default=100, help="samples per chunk (the official evaluation: 100)")
+    p.add_argument("--batch", type=count, default=100,
+                   help="samples per chunk (default 100, the official sample mode's batch; the chunk files are ours)")
     p.add_argument("--temperature", "-t", type=temperature_arg, default=None,
                    help=HELP + " (default 1.0). It scales the latents' sigma only: colour images keep p(x|z)'s "
                    "pixel noise; at 0 nothing is random (prior means, then p(x|z)'s mean)")
@@ -190,8 +191,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--per-group-temperature", type=temperature_arg, default=None,
                    help="comma-separated, one per latent group, top group first (same as -t with a list)")
     p.add_argument("--dtype", choices=["float32", "uint8"], default="float32",
-                   help="chunk arrays: float32 in [0, 1] (as the official evaluation) or uint8 (as the PNGs)")
-    p.add_argument("--readjust-bn", action="store_true", help="re-estimate decoder BN statistics at t (cached)")
+                   help="chunk arrays: float32 in [0, 1] or uint8 (as the PNGs)")
+    p.add_argument("--readjust-bn", action="store_true",
+                   help="re-estimate decoder BN statistics at t (cached): ours, --readjust-steps batches of 36 in "
+                        "float32 (the official sample mode: 500 of 16 under float16 autocast)")
     p.add_argument("--readjust-steps", type=count, default=500)
     p.add_argument("--seed", type=non_negative, default=0, help="chunk i draws from a generator seeded by (seed, i)")
     p.add_argument("--out", default=None, help="output folder (default: beside the checkpoint)")

@@ -35,7 +35,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     """Add the ``report`` command to ``sub`` (an argparse subparsers object)."""
-    p = sub.add_parser("report", help="one self-contained HTML page of a run (configs, curves, evaluations, images)")
+    p = sub.add_parser("report", help="one self-contained HTML page of a run (curves, images, evaluations, configs)")
     p.add_argument("run", help="run directory (or a checkpoint in one)")
     p.add_argument("--output", "-o", default=None, help="HTML path (default: RUN/report.html)")
     p.add_argument("--samples-temperatures", default="0.6,0.8,1.0", metavar="T1,T2,...",

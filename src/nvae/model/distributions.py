@@ -14,6 +14,8 @@ def soft_clamp5(x: torch.Tensor) -> torch.Tensor:
 
 
 def _randn_like(t: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    if generator is None:   # the default generator; only this form of randn takes a traced graph's symbolic shape
+        return torch.randn(t.shape, device=t.device, dtype=t.dtype)
     return torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
 
 
@@ -34,11 +36,15 @@ class Normal:
         if temperature != 1.0:
             self.sigma = self.sigma * temperature
 
-    def sample(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """``mu + temperature * sigma * eps``; temperature 0 returns the mean (and draws nothing)."""
+    def sample(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+               eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mu + temperature * sigma * eps``, ``eps`` ~ N(0, I) drawn from ``generator`` unless given;
+        temperature 0 returns the mean (and draws nothing)."""
         if temperature == 0.0:
             return self.mu
-        return self.mu + (temperature * self.sigma) * _randn_like(self.mu, generator)
+        if eps is None:
+            eps = _randn_like(self.mu, generator)
+        return self.mu + (temperature * self.sigma) * eps
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Element-wise log density."""
@@ -182,18 +188,25 @@ class DiscMixLogistic:
         x2 = (x[:, 2] + coeffs[:, 1] * x0 + coeffs[:, 2] * x1).clamp(-1, 1)
         return (torch.stack([x0, x1, x2], dim=1) + 1) / 2
 
-    def sample(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+               official_temperature: bool = False) -> torch.Tensor:
         """A sample in [0, 1] (not rounded to the grid, as in the official code).
 
         ``temperature`` < 1 sharpens: it divides the mixture logits and multiplies
-        the logistic scales. (The official code divides the scales by t, which
-        makes low-temperature pixels noisier; its evaluation samples at t = 1.)
+        the logistic scales. ``official_temperature=True`` draws as the official
+        ``DiscMixLogistic.sample(t)`` does instead: logits divided by t and the
+        logistic scales *divided* by t too, which makes pixels noisier below t = 1
+        (the official training's sample grids; its evaluation samples at t = 1,
+        where both agree). It needs t > 0.
         """
+        if official_temperature and not temperature > 0:
+            raise ValueError(f"the official draw divides the logistic scales by t; t must be > 0, got {temperature}")
         u = _rand_like(self.logit_probs, generator, 1e-5, 1 - 1e-5)
         gumbel = -torch.log(-torch.log(u))
         means, log_scales, coeffs = self._select(torch.argmax(self.logit_probs / temperature + gumbel, dim=1))
         u = _rand_like(means, generator, 1e-5, 1 - 1e-5)
-        x = means + torch.exp(log_scales) * temperature * (torch.log(u) - torch.log1p(-u))
+        scale = torch.exp(log_scales) / temperature if official_temperature else torch.exp(log_scales) * temperature
+        x = means + scale * (torch.log(u) - torch.log1p(-u))
         return self._couple(x, coeffs)
 
     def mean(self) -> torch.Tensor:

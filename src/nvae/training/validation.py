@@ -87,8 +87,9 @@ def is_due(epoch: int, cfg: TrainConfig) -> bool:
 @torch.no_grad()
 def sample_grids(model: NVAE, generator: torch.Generator, n: int = GRID_SAMPLES) -> Dict[float, torch.Tensor]:
     """``n`` prior samples in [0, 1] at each of :data:`TEMPERATURES`, with the model as it is (no BN
-    re-adjustment): Bernoulli means for binary data, else a draw of p(x|z) at the same temperature,
-    as the official training shows them."""
+    re-adjustment): Bernoulli means for binary data, else a draw of p(x|z) at the same temperature (the
+    logistic scales multiplied by t; the official training's grids divide them by t, see
+    :meth:`~nvae.model.distributions.DiscMixLogistic.sample`)."""
     grids = {}
     for t in TEMPERATURES:
         out = model.output_distribution(model.sample_logits(n, t, generator))
