@@ -21,7 +21,7 @@ import hashlib
 import numpy as np
 
 __all__ = ["derived_seed", "sequence_seed", "EVAL_BATCH", "LATENTS_ENCODE", "LATENTS_KL", "VALIDATION_EVAL",
-           "VALIDATION_SAMPLES"]
+           "VALIDATION_SAMPLES", "REFERENCE_IMAGE"]
 
 #: Global batch ``b`` of an evaluation (:func:`nvae.analysis.likelihood.evaluate`) and of the FID
 #: protocol's images: ``derived_seed(EVAL_BATCH, seed, b)``.
@@ -34,6 +34,9 @@ LATENTS_KL = "nvae-latents/kl"
 #: evaluation and its sample grids: ``derived_seed(VALIDATION_EVAL, seed, epoch)``.
 VALIDATION_EVAL = "nvae-validation/eval"
 VALIDATION_SAMPLES = "nvae-validation/samples"
+#: Image ``k`` of the official FID reference images (:class:`nvae.analysis.fid_protocol.OfficialReference`),
+#: whose flips and binarisation draw from ``derived_seed(REFERENCE_IMAGE, seed, k)``.
+REFERENCE_IMAGE = "nvae-fid/reference-image"
 
 _MASK_63 = 2 ** 63 - 1
 

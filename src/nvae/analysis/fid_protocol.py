@@ -55,7 +55,7 @@ from ..formats.checkpoint import CheckpointError, safe_load
 from ..formats.opened import OpenedCheckpoint
 from .fid import REDUCTIONS, FeatureMoments, FIDError, Stats, frechet_distance
 from ..model.network import NVAE, Temperature, training_mode
-from ..seeds import EVAL_BATCH, derived_seed
+from ..seeds import EVAL_BATCH, REFERENCE_IMAGE, derived_seed
 from .sampling import (decoder_bn_layers, readjust_bn, readjust_bn_cached, readjust_precision,
                        temperature_name)
 
@@ -366,8 +366,6 @@ OFFICIAL_STATS_IMAGES = 50000
 #: Data sets whose official loaders binarise every image (``datasets.py``: ``Binarize`` in
 #: ``_data_transforms_mnist``, for training and validation alike).
 OFFICIAL_BINARISED = frozenset({"mnist", "omniglot"})
-#: Namespace of the per-image seeds of the official reference images: ``derived_seed(.., seed, position)``.
-REFERENCE_IMAGE = "nvae-fid/reference-image"
 
 
 def official_selection(lengths: Sequence[int], seed: int = 0, batch_size: int = OFFICIAL_STATS_BATCH,
