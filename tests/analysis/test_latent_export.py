@@ -212,7 +212,8 @@ def test_encode_decode_and_keep_groups_commands(model, tmp_path, capsys):
     assert main(["reconstruct", str(ckpt), "--dataset", "digits", "-n", "3", "--keep-groups", "0,1,6",
                  "-t", "0.8", "--output", str(grid)]) == 0
     from PIL import Image
-    assert Image.open(grid).size == (3 * 10 + 2, 4 * 10 + 2)   # 3 columns, inputs + 3 rows, 2-pixel padding
+    # 3 columns, inputs + 3 rows, 8x8 digits shown at 32x32, 2-pixel padding
+    assert Image.open(grid).size == (3 * 34 + 2, 4 * 34 + 2)
     capsys.readouterr()
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nvae import NVAE, NVAEConfig
+from nvae.analysis.bulk_samples import chunk_generator
 from nvae.cli import main
 from nvae.analysis import sampling
 from nvae.analysis.fid_protocol import FIDProtocol, bn_cache_checkpoint, prepare_bn
@@ -130,6 +131,23 @@ def test_sample_command_at_temperature_zero_gives_one_image_for_every_seed_in_co
         images[t, seed] = np.load(out / f"samples_t{t}.npz")["images"]
     assert np.array_equal(images["0", "1"], images["0", "2"])         # no pixel noise at 0 either
     assert not np.array_equal(images["0.5", "1"], images["0.5", "2"])
+
+
+def test_sample_grids_of_small_images_are_enlarged_and_say_whether_they_are_draws_or_means(tmp_path, capsys):
+    from PIL import Image
+    torch.manual_seed(0)
+    model = NVAE(NVAEConfig.preset("cifar10", num_channels_enc=4, num_channels_dec=4, num_groups_per_scale=2,
+                                   image_size=8)).eval()
+    model.save(tmp_path / "checkpoint.pt")
+    assert main(["sample", str(tmp_path), "-n", "4", "-t", "0.8", "--out", str(tmp_path / "s")]) == 0
+    assert "draws of p(x|z)" in capsys.readouterr().out
+    with Image.open(tmp_path / "s" / "samples_t0.8.png") as grid:   # 2 x 2 images of 8 px, each shown at 32
+        assert grid.size[0] >= 2 * 32 and grid.size[1] >= 2 * 32
+    assert main(["sample", str(tmp_path), "-n", "4", "-t", "0.8", "--means", "--out", str(tmp_path / "s")]) == 0
+    assert "p(x|z)'s means" in capsys.readouterr().out
+    means = np.load(tmp_path / "s" / "samples_t0.8_means.npz")["images"]
+    expected = model.output_distribution(model.sample_logits(4, 0.8, chunk_generator(0, 0))).mean()
+    np.testing.assert_allclose(means, expected.numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_sample_command_rejects_bad_temperatures(tmp_path, capsys):

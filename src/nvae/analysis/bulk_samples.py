@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..distributed import DistributedContext
-from ..formats.checkpoint import atomic_write, model_fingerprint, save_png
+from ..formats.checkpoint import VIEWING_SIDE, atomic_write, model_fingerprint, save_png
 from ..model.network import NVAE, Temperature, per_group
 from ..seeds import sequence_seed
 from .sampling import decoder_bn_layers
@@ -209,7 +209,8 @@ def sample_to_chunks(model: NVAE, out_dir: Union[str, Path], config: BulkConfig,
     grid = None
     if rank == 0:
         grid = out_dir.with_name(out_dir.name + ".png")
-        save_png(first_samples(out_dir, GRID_SAMPLES), grid, nrow=int(math.sqrt(min(config.n, GRID_SAMPLES))))
+        save_png(first_samples(out_dir, GRID_SAMPLES), grid, nrow=int(math.sqrt(min(config.n, GRID_SAMPLES))),
+                 min_side=VIEWING_SIDE)
     return BulkResult(out_dir, config.num_chunks, len(todo), len(mine) - len(todo), grid)
 
 

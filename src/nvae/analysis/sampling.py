@@ -17,7 +17,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..formats.checkpoint import CheckpointError, atomic_torch_save, atomic_write, model_fingerprint, safe_load, save_png
+from ..formats.checkpoint import (VIEWING_SIDE, CheckpointError, atomic_torch_save, atomic_write, model_fingerprint,
+                                  safe_load, save_png)
 from ..model.network import NVAE, Temperature, training_mode
 
 
@@ -146,7 +147,7 @@ def save_samples(images: torch.Tensor, out_dir: Union[str, Path], name: str) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
     images = images.float().cpu()
-    save_png(images, png, nrow=int(images.shape[0] ** 0.5))
+    save_png(images, png, nrow=int(images.shape[0] ** 0.5), min_side=VIEWING_SIDE)
     atomic_write(npz, lambda f: np.savez_compressed(f, images=images.numpy()))
     return png, npz
 

@@ -73,24 +73,27 @@ def _sample_one(args, ctx, model, source, t, weights: str) -> None:
         readjust = {"temperature": per_group(t, model.num_groups), "steps": args.readjust_steps}
         if ctx.is_main:
             print(f"BN statistics for t={t}: {'from cache' if cached else 're-adjusted and cached'}")
-    out, name = Path(args.out or ckpt.parent), f"samples_{temperature_name(t)}"
-    config = BulkConfig(args.n, args.batch, t, args.seed, args.dtype)
+    means = args.means or model.config.decoder == "bernoulli" or not any(per_group(t, model.num_groups))
+    what = "p(x|z)'s means" if means else "draws of p(x|z) (pixel noise at temperature 1; --means for its means)"
+    out = Path(args.out or ckpt.parent)
+    name = f"samples_{temperature_name(t)}{'_means' if args.means else ''}"
+    config = BulkConfig(args.n, args.batch, t, args.seed, args.dtype, mean=True if args.means else None)
     if args.n <= args.batch:   # one batch: the grid and one .npz (array images), as ever
         if ctx.is_main:
             png, npz = save_samples(draw_chunk(model, config, 0), out, name)
-            print(f"wrote {png} and {npz}")
+            print(f"wrote {png} and {npz}: {what}")
         return
     result = sample_to_chunks(model, out / name, config, ctx, progress,
                               identity={"weights_sha256": weights, "readjust_bn": readjust})
     if ctx.is_main:
         print(f"wrote {result.out_dir} ({result.num_chunks} chunks of up to {args.batch} samples; this process drew "
-              f"{result.drawn}, found {result.kept} already written) and the grid {result.grid}")
+              f"{result.drawn}, found {result.kept} already written) and the grid {result.grid}: {what}")
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from ..formats.checkpoint import save_png
+    from ..formats.checkpoint import VIEWING_SIDE, save_png
     from ..data import prepare_batch
     from ..training.run_dir import check_output
     from ..analysis.sampling import reconstructions
@@ -108,7 +111,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
     pairs = reconstructions(model, prepare_batch(x, model.config, gen), t, gen)
-    save_png(pairs, out, nrow=2 * max(1, int((len(x) // 2) ** 0.5)))
+    save_png(pairs, out, nrow=2 * max(1, int((len(x) // 2) ** 0.5)), min_side=VIEWING_SIDE)
     print(f"wrote {out} (each input beside its reconstruction)")
     return 0
 
@@ -127,7 +130,7 @@ def _cmd_partial_posterior(args: argparse.Namespace) -> int:
     """``nvae reconstruct --keep-groups``: one grid, the inputs row and one row per K."""
     import torch
 
-    from ..formats.checkpoint import save_png
+    from ..formats.checkpoint import VIEWING_SIDE, save_png
     from ..data import prepare_batch
     from ..analysis.latent_export import partial_posterior_grid
     from ..training.run_dir import check_output
@@ -144,7 +147,7 @@ def _cmd_partial_posterior(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     x = torch.stack([data[i][0] for i in range(min(args.n, len(data)))]).to(args.device)
     grid = partial_posterior_grid(model, prepare_batch(x, model.config, gen), keep, t, gen)
-    save_png(grid.flatten(0, 1), out, nrow=grid.shape[1])
+    save_png(grid.flatten(0, 1), out, nrow=grid.shape[1], min_side=VIEWING_SIDE)
     print(f"wrote {out}: rows are the inputs, then for K = {','.join(map(str, keep))} the first K of "
           f"{model.num_groups} groups from q(z|x) (means) and the rest from the prior at t={t}")
     return 0
@@ -153,7 +156,7 @@ def _cmd_partial_posterior(args: argparse.Namespace) -> int:
 def _cmd_interpolate(args: argparse.Namespace) -> int:
     import torch
 
-    from ..formats.checkpoint import save_png
+    from ..formats.checkpoint import VIEWING_SIDE, save_png
     from ..data import prepare_batch
     from ..training.run_dir import check_output
     from ..analysis.sampling import interpolation
@@ -168,7 +171,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     x = prepare_batch(torch.stack([data[args.a][0], data[args.b][0]]).to(args.device), model.config, gen)
     groups = [int(g) for g in args.groups.split(",")] if args.groups else None
     row = interpolation(model, x[:1], x[1:], args.steps, groups).float().cpu()
-    save_png(row, out, nrow=len(row))
+    save_png(row, out, nrow=len(row), min_side=VIEWING_SIDE)
     print(f"wrote {out}: input {args.a}, {args.steps} decoded steps, input {args.b}")
     return 0
 
@@ -192,6 +195,9 @@ def add_parsers(sub) -> None:
                    help="comma-separated, one per latent group, top group first (same as -t with a list)")
     p.add_argument("--dtype", choices=["float32", "uint8"], default="float32",
                    help="chunk arrays: float32 in [0, 1] or uint8 (as the PNGs)")
+    p.add_argument("--means", action="store_true",
+                   help="show and store p(x|z)'s means (smooth images, as training's samples.png) instead of draws "
+                        "of it (pixel noise; the default but for binary data, which always shows means)")
     p.add_argument("--readjust-bn", action="store_true",
                    help="re-estimate decoder BN statistics at t (cached): ours, --readjust-steps batches of 36 in "
                         "float32 (the official sample mode: 500 of 16 under float16 autocast)")

@@ -46,7 +46,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 def _cmd_decode(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..formats.checkpoint import save_png
+    from ..formats.checkpoint import VIEWING_SIDE, save_png
     from ..analysis.latent_export import decode, decode_to_file, load_latents
     from ..training.run_dir import check_output, load_weights
     latents = load_latents(args.latents)
@@ -65,7 +65,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
         latents = latents.first(args.max_images)
     decode_to_file(model, latents, npz, args.batch_size, args.allow_other_model, progress=args.progress)
     shown = decode(model, latents.first(args.grid), args.batch_size, args.allow_other_model)
-    save_png(shown, png, nrow=max(1, int(len(shown) ** 0.5)))
+    save_png(shown, png, nrow=max(1, int(len(shown) ** 0.5)), min_side=VIEWING_SIDE)
     print(f"wrote {npz} ({latents.num_images} images, the mean of p(x|z)) and {png} (the first {len(shown)})")
     return 0
 

@@ -13,7 +13,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Union
+from typing import Any, BinaryIO, Callable, Dict, Optional, Union
 
 import torch
 
@@ -122,10 +122,19 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_png(images: torch.Tensor, path: Union[str, Path], nrow: int, padding: int = 2) -> None:
-    """A PNG grid of images in [0, 1], written atomically."""
+#: How many pixels a side the images of a grid meant to be looked at get at least (8x8 digits: x4).
+VIEWING_SIDE = 32
+
+
+def save_png(images: torch.Tensor, path: Union[str, Path], nrow: int, padding: int = 2,
+             min_side: Optional[int] = None) -> None:
+    """A PNG grid of images in [0, 1], written atomically; with ``min_side``, images smaller than that are
+    enlarged by a whole factor (nearest neighbour, so every pixel stays a sharp square) to at least it."""
     from torchvision.utils import save_image
     images = images.float().clamp(0, 1).cpu()
+    if min_side and images.shape[-1] < min_side:
+        images = torch.nn.functional.interpolate(images, scale_factor=-(-min_side // images.shape[-1]),
+                                                 mode="nearest")
     atomic_write(path, lambda f: save_image(images, f, nrow=max(1, nrow), padding=padding, format="png"))
 
 
