@@ -100,6 +100,9 @@ def test_registry_and_unknown_names():
 def test_digits_splits_shapes_and_range():
     train, test = build_dataset("digits", "train"), build_dataset("digits", "test", image_size=8, channels=1)
     assert (len(train), len(test)) == (1500, 297)
+    # what the eval JSON's data_source says (it was null for digits)
+    assert test.source_description == "scikit-learn's load_digits(), images 1500 to 1796, 297 images"
+    assert train.source_description.endswith("images 0 to 1499, 1500 images")
     _check_items(train, (1, 8, 8), n=50)
     _check_items(test, (1, 8, 8))
 
