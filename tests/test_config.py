@@ -120,7 +120,7 @@ TODAYS_TRAIN_CONFIG = {
     "checkpoint_every": 1000, "eval_every": None, "eval_samples": 10, "final_eval_samples": 1000,
     "eval_max_images": None, "deterministic": False, "skip_grad_factor": 10.0, "skip_grad_quantile": 0.95,
     "skip_grad_window": 200, "max_consecutive_skips": 20, "rollback_lr_factor": 0.5, "allow_data_change": False,
-    "dist_timeout_minutes": 5.0, "ema_rate": 0.0, "grad_clip": 0.0}
+    "dist_timeout_minutes": 5.0, "ema_rate": 0.0, "grad_clip": 0.0, "compile": False}
 
 #: What a resumed run could change before RUN_CONTROL was derived from the metadata.
 TODAYS_RUN_CONTROL = ("max_steps", "max_minutes", "log_every", "image_every", "checkpoint_every",
@@ -165,5 +165,6 @@ def test_a_train_config_with_todays_keys_round_trips_flat():
     cfg = TrainConfig.from_dict(json.loads(text))
     assert cfg.checkpointing_roles == ("normal_post", "up_post") and cfg.epochs == 400
     assert cfg.to_dict() == stored and json.dumps(cfg.to_dict()) == text
-    older = {k: v for k, v in TODAYS_TRAIN_CONFIG.items() if k not in ("ema_rate", "grad_clip")}   # missing: default
+    older = {k: v for k, v in TODAYS_TRAIN_CONFIG.items()
+             if k not in ("ema_rate", "grad_clip", "compile")}   # missing: default
     assert TrainConfig.from_dict(older) == TrainConfig()

@@ -323,7 +323,8 @@ PRESETS.update({
 #: ``nvae train --help`` shows them.
 TRAIN_GROUPS = {
     "recipe": "the optimisation of the paper and its presets: data, schedule, learning rate, KL and regulariser",
-    "performance": "how the steps are computed: numeric precision, memory layout, recomputation, determinism",
+    "performance": "how the steps are computed: numeric precision, memory layout, recomputation, determinism, "
+                   "compilation",
     "stability": "what guards the run against divergence: skipped steps, roll-backs, clipping, EMA",
     "validation": "when the run validates, and with how many importance samples",
     "run_control": "how long the run goes, how often it logs and writes, what a resume may change",
@@ -450,10 +451,15 @@ class TrainConfig:
     dist_timeout_minutes: float = _field("run_control", 5.0, Flag(
         "under torchrun: how long a process waits for the others (default 5)", name="--dist-timeout",
         parse="positive", metavar="MINUTES"))
-    #: EMA of the weights, ema = rate * ema + (1 - rate) * w (0: none)
+    #: EMA of the weights, ema = d * ema + (1 - d) * w with d = min(rate, n / (n + 9)) after n updates: the rate
+    #: is the asymptote, reached after 9 * rate / (1 - rate) updates (nvae.training.ema; 0: none)
     ema_rate: float = _field("stability", 0.0)
     #: clip the total gradient norm to this before each step (0: never)
     grad_clip: float = _field("stability", 0.0)
+    #: torch.compile the step's forward pass and loss, and so its backward, as one graph (nvae.speedups.compile)
+    compile: bool = _field("performance", False, Flag(
+        "torch.compile the step's forward pass and loss (and so its backward) as one graph; the first steps wait for "
+        "the compiler"))
 
     def __post_init__(self):
         if isinstance(self.checkpointing_roles, list):   # as JSON brings it

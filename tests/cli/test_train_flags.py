@@ -16,7 +16,7 @@ RECORDED_OPTIONS = {
     "--checkpoint-every", "--deterministic", "--no-progress", "--strict-data", "--epochs", "--batch-size",
     "--learning-rate", "--seed", "--precision", "--channels-last", "--checkpointing", "--recompute-bn", "--device",
     "--allow-data-change", "--dist-timeout", "--eval-every", "--eval-samples", "--final-eval-samples",
-    "--no-tune-allocator", "--model", "--train"}
+    "--no-tune-allocator", "--model", "--train", "--compile"}
 
 #: The hand-written flags of TrainConfig fields, recorded before they were generated:
 #: option -> (type's name, metavar, nargs, const, default, choices, help).
@@ -50,6 +50,9 @@ RECORDED_FIELD_FLAGS = {
     "--final-eval-samples": ("non-negative integer", "K", None, None, None, None,
                              "K of the evaluation after the last epoch, into validation_final.json (default 1000, "
                              "digits 50; 0: none)"),
+    "--compile": (None, None, 0, True, False, None,
+                  "torch.compile the step's forward pass and loss (and so its backward) as one graph; the first steps "
+                  "wait for the compiler"),
 }
 
 
@@ -113,6 +116,8 @@ def _config(argv):
                          allow_data_change=True, dist_timeout_minutes=1.5)),
     (["--eval-every", "0", "--eval-samples", "4", "--final-eval-samples", "0"],
      dataclasses.replace(TRAIN_PRESETS["digits"], eval_every=0, eval_samples=4, final_eval_samples=0)),
+    (["--preset", "cifar10", "--precision", "bf16", "--compile"],
+     dataclasses.replace(TRAIN_PRESETS["cifar10"], precision="bf16", compile=True)),
     (["--preset", "cifar10", "--epochs", "5", "--train", "epochs=6", "--train", "ema_rate=0.9"],   # --train wins
      dataclasses.replace(TRAIN_PRESETS["cifar10"], epochs=6, ema_rate=0.9)),
 ])

@@ -1,17 +1,22 @@
 """EMA of the weights and gradient clipping (issue 17 items 1 and 5).
 
-The EMA follows ``ema = rate * ema + (1 - rate) * w`` after every applied step (not a
-skipped one), BN running statistics included; it lives in the checkpoint, resumes bit for
-bit, comes back with a roll-back, agrees across DDP processes, and is what the reading
-commands use unless ``--raw-weights`` says otherwise. Clipping scales the gradients to
+The EMA follows ``ema = d * ema + (1 - d) * w`` after every applied step (not a skipped
+one), BN running statistics included, with the share kept warming up to the configured
+rate, ``d = min(rate, n / (n + 9))`` after ``n`` updates (issue: 0.999 was worthless after
+1,500 steps); it lives in the checkpoint with its count, resumes bit for bit, comes back
+with a roll-back, agrees across DDP processes, and is what the reading commands use unless
+``--raw-weights`` says otherwise. Clipping scales the gradients to
 the threshold norm before the step; the skip guard keeps seeing the norm before clipping.
 """
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import nvae.training.loop as train_mod
+from conftest import load_benchmark
 from gloo import spawn
 from nvae import NVAEConfig
 from nvae.formats.checkpoint import model_fingerprint, read_checkpoint
@@ -25,6 +30,7 @@ from nvae.training.step import Coefficients, train_step
 from nvae.training.loop import train
 
 RATE = 0.9
+FORMAT1 = Path(__file__).resolve().parents[1] / "formats" / "fixtures" / "format1_digits_tiny.pt"
 
 
 @pytest.fixture(autouse=True)
@@ -76,10 +82,10 @@ def test_the_ema_follows_its_formula_and_a_skipped_step_leaves_it_alone():
         _, _, stepped = train_step(state, _batch(step), coeffs)
         assert stepped
         now = state.model.state_dict()
-        moved = 0
+        moved, d = 0, min(RATE, step / (step + 9))   # ``step`` updates averaged before this one
         for k, v in now.items():
             if k in averaged:
-                expected = RATE * prev[k] + (1 - RATE) * v
+                expected = d * prev[k] + (1 - d) * v
                 assert torch.allclose(ema.weights[k], expected, rtol=1e-6, atol=1e-7), k
                 moved += not torch.equal(ema.weights[k], v)
             else:   # counters, power-iteration vectors, flags: copied from the raw model
@@ -92,6 +98,102 @@ def test_the_ema_follows_its_formula_and_a_skipped_step_leaves_it_alone():
     assert not stepped and ema.updates == 4
     for k, v in prev.items():
         assert torch.equal(ema.weights[k], v), k
+
+
+class _Known(torch.nn.Module):
+    """A parameter and a BN layer in float64, whose tensors the tests set to known values."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        self.bn = torch.nn.BatchNorm1d(2).double()
+
+    def set(self, w: torch.Tensor, mean: torch.Tensor, step: int) -> "_Known":
+        with torch.no_grad():
+            self.w.copy_(w)
+            self.bn.running_mean.copy_(mean)
+            self.bn.num_batches_tracked.fill_(step)
+        return self
+
+
+def _walk(n, seed=0):
+    """``n`` known states of :class:`_Known`: (parameter, running mean) pairs."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(3, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64))
+            for _ in range(n)]
+
+
+def test_after_n_updates_the_ema_is_the_polynomial_average_of_the_weights():
+    # Before the cap binds, the average after n updates weighs update j by C(j+7, 8) / C(n+8, 9): the closed form
+    # of the warm-up's recursion, computed here without it.
+    n, model, ema = 12, _Known(), WeightEMA(0.999)
+    walk = _walk(n)
+    for j, (w, mean) in enumerate(walk, 1):
+        ema.update(model.set(w, mean, j))
+    share = [math.comb(j + 7, 8) / math.comb(n + 8, 9) for j in range(1, n + 1)]
+    assert sum(share) == pytest.approx(1.0, abs=1e-15)
+    expected_w = sum(s * w for s, (w, _) in zip(share, walk))
+    expected_mean = sum(s * m for s, (_, m) in zip(share, walk))
+    assert ema.updates == n
+    torch.testing.assert_close(ema.weights["w"], expected_w, rtol=0, atol=1e-13)
+    torch.testing.assert_close(ema.weights["bn.running_mean"], expected_mean, rtol=0, atol=1e-13)
+    assert ema.weights["bn.num_batches_tracked"].item() == n   # a counter: copied, not averaged
+    # the plain average of the same weights, and the constant-rate rule, are other numbers
+    assert not torch.allclose(ema.weights["w"], sum(w for w, _ in walk) / n, atol=1e-3)
+    assert not torch.allclose(ema.weights["w"], ema.rate ** (n - 1) * walk[0][0], atol=1e-3)
+
+
+def test_the_configured_rate_is_the_asymptote():
+    ema = WeightEMA(0.99)
+    shares = [ema.decay(n) for n in range(2000)]
+    assert shares[0] == 0 and all(a < b or a == b == 0.99 for a, b in zip(shares, shares[1:]))
+    assert max(shares) == 0.99 and ema.decay(10 ** 9) == 0.99
+    assert ema.warmed_up() == 891   # 9 * 0.99 / (1 - 0.99)
+    assert ema.decay(890) < 0.99 == ema.decay(891)
+    for rate in (0.5, 0.9, 0.999, 0.9995, 0.9999):   # rounding never leaves the end of the warm-up short
+        warm = WeightEMA(rate)
+        assert warm.decay(warm.warmed_up()) == rate > warm.decay(warm.warmed_up() - 1)
+    # past the warm-up (rate 0.5: from 9 updates on) an update is the plain EMA at the rate
+    model, ema = _Known(), WeightEMA(0.5)
+    walk = _walk(12, seed=1)
+    for j, (w, mean) in enumerate(walk[:10], 1):
+        ema.update(model.set(w, mean, j))
+    for j, (w, mean) in enumerate(walk[10:], 11):
+        before = ema.weights["w"].clone()
+        ema.update(model.set(w, mean, j))
+        torch.testing.assert_close(ema.weights["w"], 0.5 * before + 0.5 * w, rtol=0, atol=1e-15)
+
+
+def test_an_early_average_follows_the_recent_weights_not_the_first():
+    # 1,500 updates at 0.999, the benchmark's case: weights that move linearly from 0 to 1 after a first step at 100.
+    n, model, ema = 1500, _Known(), WeightEMA(0.999)
+    mean = torch.zeros(2, dtype=torch.float64)
+    for j in range(1, n + 1):
+        ema.update(model.set(torch.full((3,), 100.0 if j == 1 else j / n, dtype=torch.float64), mean, j))
+    got = ema.weights["w"][0].item()
+    # The first weights' share is C(8, 8) / C(1508, 9) ~ 1e-22 (the constant rule kept 0.999^1499 = 0.22 of it, +22
+    # here), and the rest is the recent end of the run: the polynomial average of j / n is about 9 / 10.
+    assert ema.decay(n - 1) < 0.995   # still warming up
+    expected = sum(math.comb(j + 7, 8) * j / n for j in range(2, n + 1)) / math.comb(n + 8, 9)
+    assert got == pytest.approx(expected, abs=1e-9) and 0.89 < got < 0.91
+
+
+def test_the_benchmarks_other_rules_are_what_they_say():
+    """benchmarks/ema.py compares the warm-up with the rule before it and with Adam's bias correction."""
+    bench = load_benchmark("ema")
+    n, rate, walk = 30, 0.9, _walk(30, seed=2)
+    rules = {name: cls(rate) for name, cls in bench.RULES.items()}
+    assert type(rules["warmup"]) is WeightEMA
+    model, zero_started = _Known(), torch.zeros(3, dtype=torch.float64)
+    for j, (w, mean) in enumerate(walk, 1):
+        for ema in rules.values():
+            ema.update(model.set(w, mean, j))
+        zero_started = rate * zero_started + (1 - rate) * w
+    torch.testing.assert_close(rules["bias"].weights["w"], zero_started / (1 - rate ** n), rtol=0, atol=1e-13)
+    constant = walk[0][0]
+    for w, _ in walk[1:]:
+        constant = rate * constant + (1 - rate) * w
+    torch.testing.assert_close(rules["constant"].weights["w"], constant, rtol=0, atol=1e-13)
 
 
 def test_ema_off_by_default_and_bad_rates_are_refused():
@@ -206,6 +308,77 @@ def test_roll_back_restores_the_checkpoints_ema_and_an_older_checkpoint_still_lo
     assert all(torch.equal(v, old["state_dict"][k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="no EMA"):
         load_weights(path, weights="ema")
+
+
+def test_an_ema_saved_before_the_warm_up_loads_and_goes_on_from_its_count(tmp_path):
+    cfg, path = TrainConfig(ema_rate=RATE), tmp_path / "checkpoint.pt"
+    state = _state(ema_rate=RATE)
+    coeffs = _coeffs(state.model)
+    train_step(state, _batch(0), coeffs)
+    state.save(path, cfg)
+    # The EMA entry exactly as the constant-rate code wrote it: {"rate", "updates", "state_dict"}, an average of 3.
+    old = read_checkpoint(path)
+    average = {k: (v * 0.5 if v.is_floating_point() else v.clone()) for k, v in old["state_dict"].items()}
+    old["ema"] = {"rate": RATE, "updates": 3, "state_dict": average}
+    torch.save(old, path)
+    resumed = _state(ema_rate=RATE)
+    resumed.load_state_dict(read_checkpoint(path))
+    assert resumed.ema.updates == 3 and resumed.ema.rate == RATE
+    for k, v in average.items():
+        assert torch.equal(resumed.ema.weights[k], v), k
+    train_step(resumed, _batch(1), coeffs)   # the next update keeps 3 / 12 of the average, not RATE of it
+    w, d = resumed.model.state_dict(), 3 / 12
+    for k in averaged_names(resumed.model):
+        torch.testing.assert_close(resumed.ema.weights[k], d * average[k] + (1 - d) * w[k], rtol=1e-6, atol=1e-7)
+    assert resumed.ema.updates == 4 and stored_ema(old) is average
+
+    # No count at all (never written, but a hand-made file could lack it): taken as warmed up, the rate goes on.
+    model, ema = _Known(), WeightEMA(0.5)
+    stored = {"w": torch.ones(3, dtype=torch.float64), "bn.weight": torch.ones(2, dtype=torch.float64),
+              "bn.bias": torch.zeros(2, dtype=torch.float64), "bn.running_mean": torch.zeros(2, dtype=torch.float64),
+              "bn.running_var": torch.ones(2, dtype=torch.float64), "bn.num_batches_tracked": torch.tensor(7)}
+    ema.load_state_dict({"rate": 0.5, "state_dict": stored}, model)
+    assert ema.updates == ema.warmed_up() == 9
+    ema.update(model.set(torch.full((3,), 3.0, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), 8))
+    assert torch.equal(ema.weights["w"], torch.full((3,), 2.0, dtype=torch.float64))
+    empty = WeightEMA(0.5)
+    empty.load_state_dict({"state_dict": {}}, model)
+    assert empty.updates == 0 and not empty.weights
+
+    # Format 1 (nvae 0.1, before the EMA): read as the raw weights, and a state restored from it starts its EMA
+    # from the weights at the next step.
+    assert stored_ema(read_checkpoint(FORMAT1)) is None
+    assert load_weights(FORMAT1)[2] == "raw"
+    fixture = read_checkpoint(FORMAT1)
+    state = TrainState.create(NVAEConfig.from_dict(fixture["config"]), TrainConfig(ema_rate=RATE))
+    state.load_state_dict(fixture, progress=False)
+    assert state.ema.updates == 0 and not state.ema.weights
+
+
+def test_resumed_from_a_state_dict_the_ema_goes_on_bit_for_bit_and_needs_its_count(tmp_path):
+    model, walk = _Known(), _walk(40, seed=3)
+    straight, first = WeightEMA(0.99), WeightEMA(0.99)
+    for j, (w, mean) in enumerate(walk, 1):
+        straight.update(model.set(w, mean, j))
+    for j, (w, mean) in enumerate(walk[:15], 1):
+        first.update(model.set(w, mean, j))
+    torch.save(first.state_dict(), tmp_path / "ema.pt")
+    saved = torch.load(tmp_path / "ema.pt", weights_only=True)
+
+    def go_on(state):
+        ema = WeightEMA(0.99)
+        ema.load_state_dict(state, model)
+        for j, (w, mean) in enumerate(walk[15:], 16):
+            ema.update(model.set(w, mean, j))
+        return ema
+
+    resumed = go_on(saved)
+    assert resumed.updates == straight.updates == 40
+    for k, v in straight.weights.items():
+        assert torch.equal(resumed.weights[k], v), k
+    # the count is what makes it exact: the same tensors restarted at another count give another average
+    recount = go_on({**saved, "updates": 1})
+    assert not torch.equal(recount.weights["w"], straight.weights["w"])
 
 
 # ------------------------------------------------------------------ reading back: the CLI

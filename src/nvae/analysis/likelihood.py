@@ -34,7 +34,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,7 @@ from ..data import prepare_batch
 from ..distributed import DistributedContext
 from ..model.network import NVAE, iw_bound, default_max_batch
 from ..seeds import EVAL_BATCH, derived_seed
+from ..speedups.compile import compile_eval
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,9 @@ class EvalConfig:
     max_images: Optional[int] = None    #: evaluate only the first N images
     seed: Optional[int] = None          #: None: drawn from the caller's generator
     save_every: int = 10                #: batches per process between all-reduces (and partial-file writes)
+    #: torch.compile the pass over each chunk of samples (:func:`nvae.speedups.compile.compile_eval`): the same
+    #: samples, so the same numbers up to rounding
+    compile: bool = False
 
     def __post_init__(self):
         if self.num_samples < 1 or self.batch_size < 1 or self.save_every < 1:
@@ -134,6 +138,10 @@ def evaluate(model: NVAE, data: Dataset, config: EvalConfig = EvalConfig(), *,
     every rank returns the same result. Only rank 0 shows progress and writes the partial
     file. See the module docstring.
 
+    Compiling (``config.compile``): :meth:`NVAE.posterior_pass` runs compiled whole, one graph per chunk; the batch's
+    generator draws the same eps outside it, so the numbers are the eager ones up to rounding. The first chunks of each
+    shape wait for the compiler.
+
     Resuming: with ``partial`` the per-batch sums are written to ``partial.path`` atomically
     every ``save_every`` batches per process, with the evaluation's arguments.
     ``partial.resume`` continues from that file when it exists, and raises ``ValueError``
@@ -166,6 +174,7 @@ class _EvalRun:
     args: Optional[dict]            #: what a partial file must match (rank 0)
     nll: list                       #: per-batch sums, in batch order
     nelbo: list
+    posterior_pass: Optional[Callable] = None   #: the compiled inner pass (None: the model's own)
 
     @classmethod
     def plan(cls, model, data, config, generator, dist_ctx, partial) -> "_EvalRun":
@@ -186,6 +195,8 @@ class _EvalRun:
             args = {"model_sha256": model_fingerprint(model), "num_samples": config.num_samples,
                     "batch_size": config.batch_size, "max_batch": max_batch, "num_images": total,
                     "dataset_size": len(data), "seed": seed, "device": device.type, **(partial.identity or {})}
+            if config.compile:   # equal to the eager sums up to rounding only: continued compiled, as it began
+                args["compiled"] = True
             try:
                 state = _read_partial(Path(partial.path), args, partial.resume,
                                       math.ceil(total / config.batch_size), total)
@@ -194,8 +205,10 @@ class _EvalRun:
         seed, state, error = dist_ctx.from_main((seed, state, error))
         if error is not None:
             raise ValueError(error)
+        compiled = compile_eval(model) if config.compile else None
         return cls(model, data, config, device, dist_ctx, total, max_batch, seed, partial, args,
-                   list(state["batch_nll_sums"]) if state else [], list(state["batch_nelbo_sums"]) if state else [])
+                   list(state["batch_nll_sums"]) if state else [], list(state["batch_nelbo_sums"]) if state else [],
+                   compiled)
 
     def images_in(self, first: int, stop: int) -> int:
         """Images in global batches ``first`` .. ``stop - 1``."""
@@ -241,7 +254,8 @@ class _EvalRun:
         """(sum of -log p(x) estimates, sum of NELBOs) of global batch ``index``, in float64."""
         g = torch.Generator(self.device).manual_seed(derived_seed(EVAL_BATCH, self.seed, index))
         x = prepare_batch(x.to(self.device), self.model.config, g)
-        log_w, nelbo = self.model.importance_sample(x, self.config.num_samples, self.max_batch, g)
+        log_w, nelbo = self.model.importance_sample(x, self.config.num_samples, self.max_batch, g,
+                                                    posterior_pass=self.posterior_pass)
         return torch.stack([-iw_bound(log_w.double()).sum(), nelbo.double().mean(0).sum()]).cpu()
 
 

@@ -31,7 +31,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.resume and partial is None:
             raise ValueError("--resume continues from partial sums, which --save-every 0 turns off")
         config = EvalConfig(num_samples=args.num_samples, batch_size=args.batch_size, max_batch=args.max_batch,
-                            max_images=args.max_images, seed=args.seed, save_every=args.save_every or 10)
+                            max_images=args.max_images, seed=args.seed, save_every=args.save_every or 10,
+                            compile=args.compile)
         resumable = PartialFile(partial, args.resume, {"dataset": dataset, "split": args.split}) if partial else None
         with waiting_for_peers("the evaluation", ctx):
             result = evaluate(model, data, config, dist_ctx=ctx, partial=resumable,
@@ -97,6 +98,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--dist-timeout", type=positive, default=5.0, metavar="MINUTES",
                    help="under torchrun: how long a process waits for the others")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the pass over each chunk of samples: the same samples, the same numbers up to "
+                        "rounding; the first chunks wait for the compiler")
     add_weights_arg(p)
     p.set_defaults(func=_cmd_eval)
 

@@ -102,17 +102,20 @@ class FromPosterior:
 
     Records each group's log q(z|x) (under the untempered posterior), log p(z) and KL
     (analytic without flows, ``log q - log p`` with them) and the z fed to the decoder.
+    ``noise`` gives each group's eps (decoder order) instead of drawing it from ``generator``:
+    a compiled pass takes its draws as inputs, since a ``torch.Generator`` cannot enter a traced graph.
     """
 
-    def __init__(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None):
-        self.temperature, self.generator = temperature, generator
+    def __init__(self, temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+                 noise: Optional[Sequence[torch.Tensor]] = None):
+        self.temperature, self.generator, self.noise = temperature, generator, noise
         self.log_q: List[torch.Tensor] = []
         self.log_p: List[torch.Tensor] = []
         self.kl: List[torch.Tensor] = []
         self.latents: List[torch.Tensor] = []
 
     def __call__(self, index: int, group: LatentGroup, prior: Normal, posterior: Normal) -> torch.Tensor:
-        z = posterior.sample(self.temperature, self.generator)
+        z = posterior.sample(self.temperature, self.generator, None if self.noise is None else self.noise[index])
         log_q = posterior.log_prob(z)
         if group.flows:
             z, log_q = group.flow(z, log_q)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -314,15 +314,17 @@ class NVAE(nn.Module):
         return self.output_head(s)
 
     def forward(self, x: torch.Tensor, temperature: float = 1.0,
-                generator: Optional[torch.Generator] = None, bottom_up: Optional[BottomUp] = None) -> NVAEOutput:
+                generator: Optional[torch.Generator] = None, bottom_up: Optional[BottomUp] = None,
+                noise: Optional[Sequence[torch.Tensor]] = None) -> NVAEOutput:
         """Encode ``x``, sample every group from the posterior, decode, and score.
 
         ``temperature`` scales the posterior noise: ``z = mu + temperature * sigma * eps``;
         0 gives the posterior means (a deterministic encoding). log q is always
         evaluated under the untempered posterior. ``bottom_up`` is :meth:`encode`'s
-        result for ``x``, when the caller already has it.
+        result for ``x``, when the caller already has it. ``noise`` holds every group's
+        eps (decoder order, one (B, C, H, W) per group), given instead of drawn from ``generator``.
         """
-        rule = FromPosterior(temperature, generator)
+        rule = FromPosterior(temperature, generator, noise)
         logits = self.top_down(x.shape[0], rule, self.encode(x) if bottom_up is None else bottom_up)
         recon = -sum_log_prob(self.output_distribution(logits).log_prob(x), self.config.crop_output)
         kl_channels = torch.stack(rule.kl, dim=1)
@@ -379,9 +381,16 @@ class NVAE(nn.Module):
         return dist.mean() if mean else dist.sample(1.0, generator)
 
     # ------------------------------------------------------------- likelihood
+    def posterior_pass(self, x: torch.Tensor, bottom_up: BottomUp, generator: Optional[torch.Generator] = None,
+                       noise: Optional[Sequence[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Importance sampling's inner pass: one posterior sample per image of ``x`` (``bottom_up`` its
+        :meth:`encode`), scored as ``(log_w, nelbo)``, each (B,); see :meth:`importance_sample`."""
+        out = self(x, generator=generator, bottom_up=bottom_up, noise=noise)
+        return -out.recon - out.log_q + out.log_p, out.recon + out.kl.sum(1)
+
     @torch.no_grad()
     def importance_sample(self, x: torch.Tensor, num_samples: int, max_batch: Optional[int] = None,
-                          generator: Optional[torch.Generator] = None):
+                          generator: Optional[torch.Generator] = None, posterior_pass: Optional[Callable] = None):
         """Draw K posterior samples per image; returns ``(log_w, nelbo)``, each (K, B).
 
         ``log_w = log p(x|z_k) + log p(z_k) - log q(z_k|x)`` and ``nelbo = recon + KL``
@@ -390,10 +399,12 @@ class NVAE(nn.Module):
         runs in eval mode, so folding does not change any number, and the
         bottom-up pass, which does not depend on the samples, runs once per image. The default is
         64 images on CPU (larger passes are memory-bound there and get slower)
-        and 1024 on GPU.
+        and 1024 on GPU. ``posterior_pass(x, bottom_up, generator)`` scores each chunk (default
+        :meth:`posterior_pass`; :func:`nvae.speedups.compile.compile_eval` gives a compiled one).
         """
         if max_batch is None:
             max_batch = default_max_batch(x.device)
+        score = self.posterior_pass if posterior_pass is None else posterior_pass
         b = x.shape[0]
         per_chunk = max(1, max_batch // b)
         log_w, nelbo = [], []
@@ -401,9 +412,9 @@ class NVAE(nn.Module):
             bottom_up = self.encode(x)   # deterministic in eval mode: once, not K times
             for start in range(0, num_samples, per_chunk):
                 k = min(per_chunk, num_samples - start)
-                out = self(x.repeat(k, 1, 1, 1), generator=generator, bottom_up=bottom_up.repeat(k))
-                log_w.append((-out.recon - out.log_q + out.log_p).view(k, b))
-                nelbo.append((out.recon + out.kl.sum(1)).view(k, b))
+                chunk_log_w, chunk_nelbo = score(x.repeat(k, 1, 1, 1), bottom_up.repeat(k), generator)
+                log_w.append(chunk_log_w.view(k, b))
+                nelbo.append(chunk_nelbo.view(k, b))
         return torch.cat(log_w, dim=0), torch.cat(nelbo, dim=0)
 
     def log_importance_weights(self, x: torch.Tensor, num_samples: int, max_batch: Optional[int] = None,

@@ -57,9 +57,13 @@ class SpectralRegularizer(nn.Module):
             # W v as v^T W^T: on CPU a batched row-vector product is ~10x faster than a column one.
             u.copy_(_normalize(torch.bmm(v.unsqueeze(1), w.transpose(1, 2)).squeeze(1)))
 
+    def power_iterations(self) -> int:
+        """Iterations of the next call: ``first_call_factor`` times as many on the first, from the random start."""
+        return self.num_power_iter * (1 if bool(self.initialized) else self.first_call_factor)
+
     def forward(self) -> torch.Tensor:
         """Sum of the estimated spectral norms; differentiable in the weights."""
-        steps = self.num_power_iter * (1 if bool(self.initialized) else self.first_call_factor)
+        steps = self.power_iterations()
         sigmas = []
         for i, members in enumerate(self._groups):
             w = torch.stack([self.weight_of(c).flatten(1) for c in members])

@@ -66,6 +66,11 @@ class CheckpointedCell(Cell):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return super().forward(x)
+        if torch.compiler.is_compiling():
+            # Traced, the cell is recomputed from the graph (AOTAutograd), not by running its Python again: the BN
+            # running averages are written once, after the forward graph, so there is nothing to freeze (and a
+            # traced checkpoint takes no context but a selective-recomputation policy).
+            return checkpoint(super().forward, x, use_reentrant=False)
         return checkpoint(super().forward, x, use_reentrant=False,
                           context_fn=lambda: (contextlib.nullcontext(), frozen_batch_statistics(self)))
 
@@ -131,8 +136,12 @@ class _ForwardWeight:
         return (self.weight._version, self.log_weight_norm._version, self.weight.device, self.weight.dtype)
 
     def _keep(self, w: torch.Tensor) -> None:
+        # A traced graph holds no hooks or state (and an attribute written inside a traced checkpoint would
+        # fail the trace of the checkpointed cell): the compiled step recomputes the weight instead.
+        if torch.compiler.is_compiling():
+            return
         self._forward_weight = None
-        if not w.requires_grad or torch.compiler.is_compiling():   # a traced graph holds no hooks or state
+        if not w.requires_grad:
             return
         token, module = object(), weakref.ref(self)
 
@@ -151,6 +160,8 @@ class _ForwardWeight:
         Each forward weight is handed out once, and not after a backward pass has gone
         through it: its graph is freed by the backward pass it joins.
         """
+        if torch.compiler.is_compiling():   # nothing was kept (see _keep); the compiler shares the work
+            return self.normalized_weight()
         kept, self._forward_weight = getattr(self, "_forward_weight", None), None
         if kept is not None and kept[0] == self._parameter_versions() and torch.is_grad_enabled():
             return kept[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,9 @@ from ..config import NVAEConfig, TrainConfig
 from ..distributed import DistributedContext, wrap_model
 from .ema import WeightEMA
 from .. import speedups
+from ..speedups.compile import compile_loss
 from ..model.network import NVAE
+from .objective import nvae_loss
 from ..seeds import sequence_seed
 from .resume import capture_rng, restore_rng
 from .skip_guard import GradientGuard
@@ -37,7 +39,9 @@ class TrainState:
 
     ``net`` is what the loss runs: the model, or its DistributedDataParallel wrapper.
     ``ema`` (None: off) is updated after every applied step; ``grad_clip`` (0: off) bounds
-    the gradient norm of each step (:func:`nvae.training.step.train_step`).
+    the gradient norm of each step (:func:`nvae.training.step.train_step`). ``loss_fn`` computes
+    the step's loss: :func:`~nvae.training.objective.nvae_loss`, or it compiled
+    (:func:`nvae.speedups.compile.compile_loss`, ``TrainConfig.compile``).
     """
 
     model: NVAE
@@ -55,6 +59,7 @@ class TrainState:
     ema: Optional[WeightEMA] = None
     grad_clip: float = 0.0
     clipped_steps: int = 0      #: applied steps whose gradients were clipped
+    loss_fn: Callable = nvae_loss
 
     COUNTERS = ("step", "elapsed", "lr_scale", "rollbacks", "clipped_steps")
     #: counters an older checkpoint may lack, and the value they start from
@@ -70,7 +75,7 @@ class TrainState:
     def create(cls, model_config: NVAEConfig, cfg: TrainConfig, dist_ctx: DistributedContext = DistributedContext(),
                data_generator: Optional[torch.Generator] = None) -> "TrainState":
         """A fresh model on the process's device with ``cfg``'s memory options, DDP-wrapped under
-        torchrun, and the official optimiser (Adamax, eps 1e-3)."""
+        torchrun, and the official optimiser (Adamax, eps 1e-3); with ``cfg.compile`` the loss compiled."""
         model = NVAE(model_config).to(dist_ctx.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -82,7 +87,8 @@ class TrainState:
                               max_consecutive=cfg.max_consecutive_skips)
         return cls(model, opt, net, torch.amp.GradScaler(dist_ctx.device.type, enabled=cfg.precision == "fp16"),
                    guard, dist_ctx, data_generator or torch.Generator(), AUTOCAST[cfg.precision],
-                   ema=WeightEMA(cfg.ema_rate) if cfg.ema_rate > 0 else None, grad_clip=cfg.grad_clip)
+                   ema=WeightEMA(cfg.ema_rate) if cfg.ema_rate > 0 else None, grad_clip=cfg.grad_clip,
+                   loss_fn=compile_loss(model, nvae_loss) if cfg.compile else nvae_loss)
 
     # ------------------------------------------------------------ save / load
     def state_dict(self) -> Dict[str, Any]:

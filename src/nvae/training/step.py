@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..config import TrainConfig
-from .objective import Loss, kl_coefficient, nvae_loss, regularization_coefficient
+from .objective import Loss, kl_coefficient, regularization_coefficient
 from .state import TrainState
 
 
@@ -69,6 +69,12 @@ def train_step(state: TrainState, x: torch.Tensor, coeffs: Coefficients,
     clipping would otherwise turn into full-size steps in an unreliable direction (and
     the guard's running quantile would only ever see norms up to ``grad_clip``).
     ``state.clipped_steps`` counts the applied steps that were clipped.
+
+    The loss is ``state.loss_fn``: with ``TrainConfig.compile`` the forward pass and the whole objective run as one
+    compiled graph (:mod:`nvae.speedups.compile`). Everything else here stays outside it, in eager Python: the
+    backward call (its graph compiled with the forward's), the gradient norm and clipping, and the decision whether to
+    step, which depends on the values of the loss and the norm and on the guard's history (data-dependent control
+    flow); so do restoring the buffers of a skipped step, the optimiser step and the EMA.
     """
     if max_grad_norm is None:
         max_grad_norm = state.guard.threshold()
@@ -81,7 +87,7 @@ def train_step(state: TrainState, x: torch.Tensor, coeffs: Coefficients,
     amp = torch.autocast(x.device.type, dtype=state.autocast_dtype) if state.autocast_dtype \
         else contextlib.nullcontext()
     with amp:
-        out = nvae_loss(state.net, x, coeffs.beta, coeffs.lam, coeffs.alpha, coeffs.balance)
+        out = state.loss_fn(state.net, x, coeffs.beta, coeffs.lam, coeffs.alpha, coeffs.balance)
     state.scaler.scale(out.loss).backward()
     state.scaler.unscale_(state.optimizer)
     # Returns the norm before clipping; under DDP the gradients, so the norms, are the same on every process.
