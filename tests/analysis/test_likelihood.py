@@ -11,6 +11,7 @@ tests/test_distributed.py.
 import json
 import logging
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -155,6 +156,36 @@ def _interrupt(model, images, partial, **kw):
 
 
 # ------------------------------------------------------------------ one process
+def test_the_progress_bar_moves_with_every_chunk_of_samples(monkeypatch):
+    # A batch at K = 1000 takes minutes: the bar must move (and so show an ETA) within the first batch, once per
+    # chunk of samples, and end at every image. Here 5 images in batches of 2 (2, 2, 1) at K = 3, passes of 2 images.
+    import tqdm
+
+    bars = []
+
+    class Recording(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": open(os.devnull, "w")})
+            self.steps = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.steps.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    config = EvalConfig(num_samples=K, batch_size=BATCH, seed=SEED, max_batch=BATCH, save_every=1)
+    result = evaluate(_model(), TensorDataset(_images(5)), config, progress=True)
+    bar, = bars
+    # counted in samples (images x K) and shown in images: the first batch's 2 images move it 3 times by 2 samples
+    assert bar.total == 5 * K and bar.unit_scale == pytest.approx(1 / K) and bar.unit == "img"
+    # (the last batch's one image takes 2 samples per pass of 2: chunks of 2 and 1)
+    assert bar.steps == [2] * K + [2] * K + [2, 1] and bar.n == 5 * K
+    shown = bar.format_meter(4, bar.total, 1.0, unit=bar.unit, unit_scale=bar.unit_scale, bar_format=bar.bar_format)
+    assert " 1.3/5 [" in shown and "img/s" in shown   # 4 samples of 3 per image: 1.3 images of 5
+    assert result.num_images == 5
+
+
 @pytest.mark.parametrize("decoder", ["mixture", "bernoulli"])
 def test_an_interrupted_evaluation_resumes_to_the_same_numbers(tmp_path, decoder):
     model, images = _model(decoder=decoder), _images()

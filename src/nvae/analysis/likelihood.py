@@ -221,8 +221,12 @@ class _EvalRun:
         world, rank = self.dist_ctx.world_size, self.dist_ctx.rank
         main, b_size = rank == 0, self.config.batch_size
         n_batches, done = math.ceil(self.total / b_size), len(self.nll)
-        bar = tqdm(total=self.total, initial=self.images_in(0, done), desc=f"eval K={self.config.num_samples}",
-                   unit="img", disable=not (progress and main), dynamic_ncols=True)
+        # The bar counts importance samples (images x K) and shows them as images (unit_scale 1 / K): it moves with
+        # every chunk of samples, so a batch that takes minutes at K = 1000 shows progress and an ETA at once.
+        k = self.config.num_samples
+        bar = tqdm(total=self.total * k, initial=self.images_in(0, done) * k, desc=f"eval K={k}", unit="img",
+                   unit_scale=1 / k, disable=not (progress and main), dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
         if done and progress and main:
             bar.write(f"resuming from {self.partial.path}: {self.images_in(0, done)} of {self.total} images done",
                       file=sys.stderr)
@@ -234,8 +238,10 @@ class _EvalRun:
             stop = min(n_batches, start + block)
             sums = torch.zeros(2, stop - start, dtype=torch.float64)
             for b in range(start + rank, stop, world):
-                sums[:, b - start] = self.batch_sums(next(batches)[0], b)
-                bar.update(self.images_in(b, min(b + world, stop)))
+                # this process's samples stand for the round's (every process runs the same chunks at once)
+                round_images = self.images_in(b, min(b + world, stop))
+                sums[:, b - start] = self.batch_sums(next(batches)[0], b,
+                                                     lambda samples, n=round_images: bar.update(samples * n))
             if world > 1:
                 reduced = sums.to(self.dist_ctx.device)
                 dist.all_reduce(reduced)
@@ -250,12 +256,22 @@ class _EvalRun:
         if main and self.partial is not None:
             Path(self.partial.path).unlink(missing_ok=True)
 
-    def batch_sums(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """(sum of -log p(x) estimates, sum of NELBOs) of global batch ``index``, in float64."""
+    def batch_sums(self, x: torch.Tensor, index: int,
+                   on_chunk: Optional[Callable[[int], object]] = None) -> torch.Tensor:
+        """(sum of -log p(x) estimates, sum of NELBOs) of global batch ``index``, in float64; ``on_chunk(k)`` after
+        each chunk of ``k`` samples per image."""
         g = torch.Generator(self.device).manual_seed(derived_seed(EVAL_BATCH, self.seed, index))
         x = prepare_batch(x.to(self.device), self.model.config, g)
+        score = self.posterior_pass or self.model.posterior_pass
+
+        def counted(xs: torch.Tensor, bottom_up, generator):
+            result = score(xs, bottom_up, generator)
+            if on_chunk is not None:
+                on_chunk(xs.shape[0] // x.shape[0])
+            return result
+
         log_w, nelbo = self.model.importance_sample(x, self.config.num_samples, self.max_batch, g,
-                                                    posterior_pass=self.posterior_pass)
+                                                    posterior_pass=counted)
         return torch.stack([-iw_bound(log_w.double()).sum(), nelbo.double().mean(0).sum()]).cpu()
 
 
