@@ -10,8 +10,9 @@ then times ``--steps`` steps of ``nvae.training.step.train_step`` (forward, obje
 balancing and the regularisers, backward, gradient guard, Adamax). ``max alloc`` is
 ``torch.cuda.max_memory_allocated`` over those steps. The rows: fp32, fp16 (with the
 grad scaler) and bf16; then, in bf16, channels-last, recompute-BN, checkpointing of the
-post-process cells, all three, and ``torch.compile`` of the forward (``--no-compile``
-leaves it out; its compile time is a column of its own). The evaluation row folds the K
+post-process cells, all three, and ``nvae train --compile``'s step (``TrainConfig.compile``: the forward pass and
+loss as one graph, see ``nvae.speedups.compile``; ``--no-compile`` leaves it out; the first two steps, the eager one
+and the compiling one, are a column of their own). The evaluation row folds the K
 samples into batches of ``--eval-max-batch`` images.
 
 Any error stops the command with a traceback and exit status 1; so do rows that would
@@ -86,22 +87,20 @@ def time_steps(preset: str, cfg: NVAEConfig, batch: int, option: Option, device:
     """Median seconds per training step and peak allocated memory for one option."""
     train_cfg = TrainConfig(precision=option.precision, channels_last=option.channels_last,
                             recompute_bn=option.recompute_bn, checkpointing=option.checkpointing,
-                            checkpointing_roles=("normal_post", "up_post") if option.checkpointing else None)
+                            checkpointing_roles=("normal_post", "up_post") if option.checkpointing else None,
+                            compile=option.compile)
     torch.manual_seed(0)
     state = TrainState.create(cfg, train_cfg, DistributedContext(device=device))
-    if option.compile:
-        compiled = torch.compile(state.model)
-        compiled.spectral_loss, compiled.batchnorm_loss = state.model.spectral_loss, state.model.batchnorm_loss
-        state.net = compiled
     x = _batch(cfg, batch, device)
     if option.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     coeffs = Coefficients(0.5, 1e-2, kl_balance_alpha(cfg.groups_per_scale).to(device))
     compile_s = None
-    if option.compile:
+    if option.compile:   # the first step runs eagerly (one-time initialisations), the second compiles
         _sync(device)
         t0 = time.perf_counter()
-        train_step(state, x, coeffs, max_grad_norm=float("inf"))
+        for _ in range(2):
+            train_step(state, x, coeffs, max_grad_norm=float("inf"))
         _sync(device)
         compile_s = time.perf_counter() - t0
     for _ in range(warmup):

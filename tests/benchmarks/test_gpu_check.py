@@ -45,3 +45,20 @@ def test_out_of_budget_is_a_failure(capsys, monkeypatch):
     rc = gpu_check.main(["--device", "cpu", "--presets", "digits", "--warmup", "0", "--steps", "1", "--no-compile",
                          "--options", "fp32,bf16", "--budget-minutes", "3"] + TINY)
     assert rc == 1 and "budget" in capsys.readouterr().err
+
+
+def test_the_compile_row_runs_the_library_compiled_step(capsys, monkeypatch):
+    import nvae.speedups.compile as nvae_compile
+    graphs = []
+
+    def backend(gm, example_inputs):   # no code generation: the CPU test checks the path, not the compiler
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(nvae_compile, "BACKEND", backend)
+    rc = gpu_check.main(["--device", "cpu", "--presets", "digits", "--warmup", "0", "--steps", "1",
+                         "--options", "bf16 compile", "--eval-k", "2", "--eval-images", "1"] + TINY)
+    out = capsys.readouterr().out
+    row, = [line for line in out.splitlines() if line.startswith("| `digits`")]
+    assert rc == 0 and row.split(" | ")[2] == "bf16 compile" and float(row.split(" | ")[5].rstrip(" |")) >= 0
+    assert len(graphs) == 1   # the step traced as one graph
