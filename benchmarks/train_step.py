@@ -27,6 +27,7 @@ RSS_AFTER_TORCH = _rss_gb()
 from _common import describe_cpu, peak_rss_gb, setup  # noqa: E402  (imports nvae)
 
 from nvae import speedups  # noqa: E402
+from nvae.speedups.compile import compile_loss  # noqa: E402
 from nvae.speedups.cpu import tune_cpu_allocator  # noqa: E402
 from nvae.training.objective import nvae_loss  # noqa: E402
 
@@ -73,11 +74,8 @@ def main(argv=None) -> None:
     checkpointing = (True if a.checkpointing == "all" else tuple(a.checkpointing.split(","))) if a.checkpointing \
         else False
     speedups.apply(model, recompute_bn=a.recompute_bn, checkpointing=checkpointing)
-    step_model = torch.compile(model) if a.compile else model
-    # The spectral/BN terms need the real module; compile only the forward.
-    if a.compile:
-        step_model.spectral_loss = model.spectral_loss
-        step_model.batchnorm_loss = model.batchnorm_loss
+    # --compile: nvae train --compile's loss, the forward pass and objective as one graph (the first step eager)
+    loss_fn = compile_loss(model, nvae_loss) if a.compile else nvae_loss
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "fp16")
 
@@ -85,7 +83,7 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with ctx:
-            out = nvae_loss(step_model, x, beta=0.5, lam=1e-2, alpha=alpha)
+            out = loss_fn(model, x, beta=0.5, lam=1e-2, alpha=alpha)
         scaler.scale(out.loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -105,7 +103,7 @@ def main(argv=None) -> None:
     peak_gb = peak_rss_gb()
     # (torch.compile traces its own saved tensors, which these hooks would not see)
     saved_mb = None if a.compile else saved_for_backward(
-        lambda: nvae_loss(step_model, x, beta=0.5, lam=1e-2, alpha=alpha).loss) / 2 ** 20
+        lambda: nvae_loss(model, x, beta=0.5, lam=1e-2, alpha=alpha).loss) / 2 ** 20
     flags = " ".join(f for f, on in [("channels-last", a.channels_last), ("compile", a.compile),
                                      (f"checkpointing={a.checkpointing}", a.checkpointing),
                                      ("tuned-allocator", tuned), ("recompute-bn", a.recompute_bn)] if on)
