@@ -237,6 +237,21 @@ def test_the_compiled_loss_gives_the_eager_step():
     assert type(traced.spectral) is type(eager.spectral)   # the traced view is put back
 
 
+def test_once_initialised_the_compiled_loss_checks_no_buffer_again(monkeypatch):
+    """Each check reads a buffer (a device synchronisation on a GPU): after the initialisations, steps skip it."""
+    model, x = build(small("cifar10"), "default")
+    recorder = Recorder()
+    loss_fn = nvae_compile.compile_loss(model, nvae_loss, backend=recorder)
+    alpha = kl_balance_alpha(model.config.groups_per_scale)
+    checks = []
+    real = nvae_compile.pending_initialisation
+    monkeypatch.setattr(nvae_compile, "pending_initialisation", lambda *a: checks.append(1) or real(*a))
+    for _ in range(3):
+        loss_fn(model, x, 0.5, 1e-2, alpha)
+    # step 1: pending (eager); step 2: cleared, and found done; step 3: no check
+    assert len(checks) == 2 and len(recorder.graphs) == 1 and bool(model.spectral.initialized)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("option", ["default", "all"])
 def test_the_aot_compiled_loss_gives_the_eager_step(option):

@@ -96,12 +96,13 @@ def pending_initialisation(model: NVAE, lam: float) -> bool:
 
 
 @contextlib.contextmanager
-def as_initialised(model: NVAE) -> Iterator[None]:
+def as_initialised(model: NVAE, convs: Optional[List[WNConv2d]] = None) -> Iterator[None]:
     """``model`` for the block as a compiled step traces it, past its one-time initialisations: the spectral
     regulariser runs its usual number of iterations and the data-initialised convolutions skip the check, so the trace
     reads no buffer to choose a branch. Only for a model that :func:`pending_initialisation` has cleared; it is as it
-    was afterwards."""
-    spectral, convs = model.spectral, _data_init_convs(model)
+    was afterwards. ``convs``: the model's data-initialised convolutions, when the caller has them already."""
+    spectral = model.spectral
+    convs = _data_init_convs(model) if convs is None else convs
     was = type(spectral)
     spectral.__class__ = _WarmSpectral
     for m in convs:
@@ -126,12 +127,18 @@ def compile_loss(model: NVAE, objective: Callable, mode: Optional[str] = None,
     first compiled call.
     """
     compiled = _compiled(objective, model, mode, backend)
+    convs = _data_init_convs(model)
+    done = False   # every one-time initialisation has run: nothing to check again (each check reads a buffer, a
+    #                device synchronisation on a GPU, at every step)
 
     def loss(net: torch.nn.Module, x: torch.Tensor, beta: float, lam: float, alpha: Optional[torch.Tensor],
              balance: bool = True):
-        if pending_initialisation(model, lam):
-            return objective(net, x, beta, lam, alpha, balance)
-        with as_initialised(model):
+        nonlocal done
+        if not done:
+            if pending_initialisation(model, lam):
+                return objective(net, x, beta, lam, alpha, balance)
+            done = bool(model.spectral.initialized) and all(bool(m.init_done) for m in convs)
+        with as_initialised(model, convs):
             return compiled(net, x, beta, lam, alpha, balance)
 
     return loss
