@@ -127,9 +127,13 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 def add_fid_parsers(sub) -> None:
     """Add the ``fid-stats`` and ``fid`` commands to ``sub`` (an argparse subparsers object)."""
-    from ..analysis.fid import FEATURE_DIMS, REDUCTIONS
+    _add_fid_stats_parser(sub)
+    _add_fid_parser(sub)
+
+
+def _add_fid_stats_parser(sub) -> None:
+    from ..analysis.fid import FEATURE_DIMS
     from ..analysis.fid_protocol import PROTOCOLS
-    from ..analysis.temperature_schedule import HELP, TemperatureSchedule, temperature_arg
     p = sub.add_parser("fid-stats", help="Inception statistics of a data set for FID (.npz, pytorch-fid format)")
     p.add_argument("--dataset", required=True, help="data set name (as for training)")
     p.add_argument("--data", default=None, help="folder holding the data set's files")
@@ -162,6 +166,11 @@ def add_fid_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fid_stats)
 
+
+def _add_fid_parser(sub) -> None:
+    from ..analysis.fid import REDUCTIONS
+    from ..analysis.fid_protocol import PROTOCOLS
+    from ..analysis.temperature_schedule import HELP, TemperatureSchedule, temperature_arg
     p = sub.add_parser("fid", help="FID of the model's images against data statistics (JSON)")
     p.add_argument("checkpoint", help="run directory, our checkpoint, or an official checkpoint")
     p.add_argument("--stats", required=True, help="data statistics from nvae fid-stats (or pytorch-fid's .npz)")
