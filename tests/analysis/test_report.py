@@ -379,6 +379,19 @@ def test_a_plot_or_file_shown_once_is_not_repeated_in_other_images(run, tmp_path
     assert len(kl["images"]) == 1 and "Not repeated: kl_stats_test.png" in kl["text"]
 
 
+def test_a_grid_written_before_the_larger_enlargement_is_still_read(run, tmp_path):
+    """Older runs enlarged 8x8 images by 2 (17-pixel tiles), where save_grid now enlarges by 4."""
+    from nvae.formats.checkpoint import save_png
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    side = NVAE.from_checkpoint(run / "checkpoint.pt").config.image_size
+    assert side == 8
+    old = torch.nn.functional.interpolate(torch.rand(30, 1, side, side), scale_factor=2, mode="nearest")
+    save_png(old, copy / "reconstructions.png", nrow=5, padding=1)
+    page = Page(write_report(copy, options=ReportOptions(draw_images=False, progress=False)).read_text())
+    assert "5 images per row, an odd number" in page.sections["reconstructions"]["alts"][0]
+
+
 def test_an_old_reconstruction_grid_with_odd_columns_is_said_to_wrap(run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)

@@ -34,8 +34,7 @@ def test_training_reconstructions_put_each_input_beside_its_reconstruction(tmp_p
         log.images(model, fixed, step=1)
     finally:
         log.close()
-    scale = max(1, 128 // (8 * 8))          # save_grid's nearest upscaling of 8x8 images
-    tile = 8 * scale + 1                     # padding 1
+    tile = 8 * 4 + 1                         # 8x8 images enlarged 4 times to 32 pixels (nearest), 1 pixel apart
     with Image.open(tmp_path / "reconstructions.png") as im:
         assert im.size == (8 * tile + 1, 4 * tile + 1)
     with Image.open(tmp_path / "samples.png") as im:   # 64 samples stay 8 x 8

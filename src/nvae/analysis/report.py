@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..formats.checkpoint import CheckpointError, atomic_write
+from ..formats.checkpoint import CheckpointError, atomic_write, viewing_scale
 from ..formats.opened import OpenedCheckpoint, open_checkpoint
 from ..training.run_dir import check_output, load_weights, pair_columns
 
@@ -605,15 +605,17 @@ def _grid_columns(path: Path, image_size: Optional[int]) -> Optional[int]:
     from PIL import Image
     if not image_size:
         return None
-    tile = image_size * max(1, 128 // (image_size * 8)) + 1
     try:
         with Image.open(path) as im:
             width, height = im.size
     except (OSError, ValueError):
         return None
-    if (width - 1) % tile or (height - 1) % tile:
-        return None
-    return (width - 1) // tile
+    # Grids of older runs were enlarged less (8x8 digits by 2, now 4); both are read.
+    for scale in (viewing_scale(image_size), max(1, 128 // (image_size * 8))):
+        tile = image_size * scale + 1
+        if (width - 1) % tile == 0 and (height - 1) % tile == 0:
+            return (width - 1) // tile
+    return None
 
 
 def partial_posterior_section(model, inputs: Optional[torch.Tensor], why: str,

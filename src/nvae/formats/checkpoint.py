@@ -126,15 +126,20 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> None:
 VIEWING_SIDE = 32
 
 
+def viewing_scale(side: int, min_side: int = VIEWING_SIDE) -> int:
+    """The whole factor that enlarges images of ``side`` pixels to at least ``min_side`` (1 if they are that large)."""
+    return max(1, -(-min_side // side))
+
+
 def save_png(images: torch.Tensor, path: Union[str, Path], nrow: int, padding: int = 2,
              min_side: Optional[int] = None) -> None:
     """A PNG grid of images in [0, 1], written atomically; with ``min_side``, images smaller than that are
     enlarged by a whole factor (nearest neighbour, so every pixel stays a sharp square) to at least it."""
     from torchvision.utils import save_image
     images = images.float().clamp(0, 1).cpu()
-    if min_side and images.shape[-1] < min_side:
-        images = torch.nn.functional.interpolate(images, scale_factor=-(-min_side // images.shape[-1]),
-                                                 mode="nearest")
+    scale = viewing_scale(images.shape[-1], min_side) if min_side else 1
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
     atomic_write(path, lambda f: save_image(images, f, nrow=max(1, nrow), padding=padding, format="png"))
 
 

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ..formats.checkpoint import CheckpointError, atomic_write, read_checkpoint, save_png
+from ..formats.checkpoint import VIEWING_SIDE, CheckpointError, atomic_write, read_checkpoint, save_png
 from .. import speedups
 # RUN_CONTROL: the options a resumed run may change, from TrainConfig's field metadata
 from ..config import PRESETS, RUN_CONTROL, TRAIN_PRESETS, NVAEConfig, TrainConfig
@@ -455,13 +455,11 @@ def pair_columns(n_pairs: int) -> int:
     return 2 * max(1, int(math.sqrt(n_pairs)))
 
 
-def save_grid(images: torch.Tensor, path: Path, min_side: int = 128, nrow: Optional[int] = None) -> None:
-    """A PNG grid, ``nrow`` images per row (default: square), scaled up (nearest) so small images stay
-    visible; written atomically."""
-    scale = max(1, min_side // (images.shape[-1] * 8))
-    if scale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    save_png(images, path, nrow=nrow or int(math.sqrt(images.shape[0])), padding=1)
+def save_grid(images: torch.Tensor, path: Path, nrow: Optional[int] = None) -> None:
+    """A run's PNG grid, ``nrow`` images per row (default: square), 1 pixel apart, each image enlarged (nearest)
+    to at least :data:`~nvae.formats.checkpoint.VIEWING_SIDE` pixels as every grid of the command line is;
+    written atomically."""
+    save_png(images, path, nrow=nrow or int(math.sqrt(images.shape[0])), padding=1, min_side=VIEWING_SIDE)
 
 
 # ------------------------------------------------------------------ reading back

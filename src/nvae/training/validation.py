@@ -256,7 +256,7 @@ class Validation:
         from torchvision.utils import make_grid
         for t, images in grids.items():
             images = images.float().cpu()
-            save_grid(images, self.run_dir / f"val_samples_t{t:.1f}.png", min_side=256)   # 4 per row, not 8
+            save_grid(images, self.run_dir / f"val_samples_t{t:.1f}.png")
             self.log.writer.add_image(f"generated_{t:.1f}", make_grid(images, nrow=4), step)
 
 
