@@ -172,7 +172,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     groups = [int(g) for g in args.groups.split(",")] if args.groups else None
     row = interpolation(model, x[:1], x[1:], args.steps, groups).float().cpu()
     save_png(row, out, nrow=len(row), min_side=VIEWING_SIDE)
-    print(f"wrote {out}: input {args.a}, {args.steps} decoded steps, input {args.b}")
+    print(f"wrote {out}: input {args.a}, {args.steps} decoded step{'s' if args.steps != 1 else ''}, input {args.b}")
     return 0
 
 
