@@ -6,6 +6,7 @@ per-GPU batch that fits a 16, 32 or 80 GB card, beside the official recipe's per
 
     python benchmarks/activation_memory.py                                  # celebahq256, celeba64, cifar10, mnist
     python benchmarks/activation_memory.py --presets cifar10 --options plain,all --precisions bf16
+    python benchmarks/activation_memory.py --policy cuda --precisions fp16  # CUDA's fp16 autocast, no GPU needed
     python benchmarks/activation_memory.py --device cuda                    # + torch.cuda.max_memory_allocated
     python benchmarks/activation_memory.py --presets mnist_small --cpu-check 16,32   # + the CPU peak, measured
     python benchmarks/activation_memory.py --quick                          # the tiny 'digits' model (CI smoke)
@@ -23,6 +24,12 @@ Python, the same autograd graph and the same saved tensors with their shapes, dt
 and no arithmetic, so the 256x256 model at batch 2 (about 30 GB in fp32) is counted on a 24 GB machine.
 ``--tensors real`` counts real tensors instead (the tests check that both agree on a small model; on CPU, BN's
 saved batch statistics under bf16 autocast are fp32 on real tensors and bf16 on fake ones: a few kB, not per image).
+
+**Whose autocast.** Autocast keeps other tensors in low precision on a CPU than on a GPU. ``--policy cuda`` counts
+on fake CUDA tensors under CUDA's autocast, which is switched on without a GPU (``torch.autocast`` refuses to when
+none is present; the switches it sets are set directly): the CUDA kernels' saved tensors and the policy of the
+official recipe's fp16 runs (``--precisions fp16``), on a machine without a GPU. The cells' passes (below) are
+measured on real CPU tensors either way.
 
 **One cell's pass, and checkpointing.** In backward, the gradients inside a cell, and whatever the cell
 recomputes, come on top of the saved tensors that are still held. A checkpointed cell saves only its input in the
@@ -89,7 +96,7 @@ DEFAULT_PRESETS = ("celebahq256", "celeba64", "cifar10", "mnist")
 OFFICIAL = {"mnist": (200, 16), "cifar10": (32, 16), "celeba64": (16, 16), "imagenet32": (24, 16),
             "celebahq256": (4, 32), "ffhq256": (4, 32)}
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # What a card keeps from a training step's tensors: a fixed reserve for the CUDA context (about 0.5 GB), cuDNN and
 # cuBLAS handles and workspaces, and the part of the nominal size the driver does not hand out (a "16 GB" V100
@@ -203,12 +210,42 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def autocast(device_type: str, dtype: Optional[torch.dtype]):
+    """``torch.autocast(device_type, dtype)`` (nothing for ``dtype=None``); CUDA's also where no GPU is present, for
+    fake CUDA tensors: ``torch.autocast`` would switch itself off with a warning, so its switches are set here."""
+    if dtype is None:
+        yield
+    elif device_type != "cuda" or torch.cuda.is_available():
+        with torch.autocast(device_type, dtype=dtype):
+            yield
+    else:
+        enabled, previous = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+        torch.set_autocast_enabled(device_type, True)
+        torch.set_autocast_dtype(device_type, dtype)
+        torch.autocast_increment_nesting()
+        try:
+            yield
+        finally:
+            if torch.autocast_decrement_nesting() == 0:
+                torch.clear_autocast_cache()
+            torch.set_autocast_enabled(device_type, enabled)
+            torch.set_autocast_dtype(device_type, previous)
+
+
 def build(cfg: NVAEConfig, option: Option, batch: int, device: torch.device = torch.device("cpu")):
     """``(model in training mode with the option's speed-ups, a batch of images, KL-balance alpha)`` as training
     builds them (``TrainState.create``), on ``device``, under whatever fake mode is active."""
     torch.manual_seed(0)
     with device:
         model = NVAE(cfg)
+    if device.type != "cpu" and is_fake(next(model.parameters())):
+        # The first-call flags (spectral `initialized`, data-init `init_done`) are read as Python bools; a fake
+        # scalar on another device has no value to read, a fake CPU scalar keeps the one it was made with (False).
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None and b.dim() == 0:
+                    m._buffers[name] = torch.tensor(0, dtype=b.dtype, device="cpu")   # (made from data: tracked)
     if option.channels_last:
         to_channels_last(model)
     speedups.apply(model, recompute_bn=option.recompute_bn, checkpointing=option.checkpointing)
@@ -243,7 +280,7 @@ def _count(cfg: NVAEConfig, option: Option, precision: str, batch: int, device: 
     dtype = PRECISIONS[precision]
 
     def step():
-        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+        with autocast(device.type, dtype):
             return nvae_loss(model, x, beta=0.5, lam=1e-2, alpha=alpha)
 
     cells = {name: m for name, m in model.named_modules() if isinstance(m, Cell)} if per_cell else None
@@ -521,7 +558,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default=",".join(DEFAULT_PRESETS), help="comma-separated presets")
     p.add_argument("--options", default=",".join(OPTIONS), help=f"comma-separated: {', '.join(OPTIONS)}")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (autocast)")
+    p.add_argument("--policy", choices=["cpu", "cuda"], default="cpu",
+                   help="whose kernels and autocast policy the fake tensors follow: cpu, or cuda (fake CUDA tensors "
+                        "under CUDA's autocast, without a GPU: the official recipe's fp16)")
     p.add_argument("--tensors", choices=["fake", "real"], default="fake",
                    help="count saved tensors on fake tensors on the CPU (no memory; the default) or on real ones "
                         "on --device")
@@ -561,6 +601,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--fragmentation must be in [0, 1) and --reserve-gb >= 0")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device here (--device cpu gives the estimates alone)")
+    if a.policy == "cuda" and a.tensors == "real" and a.device == "cpu":
+        p.error("--policy cuda counts fake CUDA tensors; with --tensors real it needs --device cuda")
     return a
 
 
@@ -575,7 +617,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     overrides = parse_overrides(a.model, NVAEConfig)
     fake = a.tensors == "fake"
-    count_on = torch.device("cpu") if fake else torch.device(a.device)
+    count_on = torch.device(a.policy) if fake else torch.device(a.device)
     gpu = f"; GPU {torch.cuda.get_device_name()}" if a.device == "cuda" else ""
     print(f"# {describe_cpu()}{gpu}; saved tensors counted on {a.tensors} {count_on.type} tensors", flush=True)
     t0 = time.perf_counter()
@@ -623,8 +665,8 @@ def main(argv=None) -> int:
     print(per_image_table(rows, checks))
     print(f"\nLargest per-GPU batch whose estimated peak (est. fixed + B x est. per image) fits a card of M GB, which "
           f"lends (M - {a.reserve_gb:g} GB reserved for the CUDA context and workspaces) x (1 - {a.fragmentation:g} "
-          "left to allocator fragmentation). The official runs used fp16 mixed precision: the bf16 rows are the "
-          "like-for-like comparison.\n")
+          "left to allocator fragmentation). The official runs used fp16 mixed precision: the bf16 rows, and the "
+          "fp16 rows under --policy cuda, are the like-for-like comparison.\n")
     print(batch_table(rows, a.memories, a.reserve_gb, a.fragmentation))
     hq = [r for r in rows if r.preset == "celebahq256"]
     if hq:
@@ -636,7 +678,7 @@ def main(argv=None) -> int:
     print(f"\n# {time.perf_counter() - t0:.0f} s; peak RSS {peak_rss_gb():.2f} GB")
     if a.json:
         write_json(a.json, {
-            "machine": describe_cpu() + gpu, "tensors": a.tensors, "reserve_gb": a.reserve_gb,
+            "machine": describe_cpu() + gpu, "tensors": a.tensors, "policy": a.policy, "reserve_gb": a.reserve_gb,
             "fragmentation": a.fragmentation, "cuda_batches": a.cuda_batches, "cpu_check": a.cpu_check,
             "fixed": {k: v._asdict() for k, v in fixed.items()},
             "rows": [dict(r._asdict(), fixed=r.fixed._asdict(), per_image=r.per_image, fixed_total=r.fixed_total,

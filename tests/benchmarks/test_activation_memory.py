@@ -74,6 +74,31 @@ def test_fake_tensors_count_what_real_ones_do():
     assert fake.total == real.total > 0
 
 
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+def test_cudas_autocast_applies_to_fake_cuda_tensors_without_a_gpu():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, w = torch.empty(2, 3, 8, 8, device="cuda"), torch.empty(4, 3, 3, 3, device="cuda")
+        with am.autocast("cuda", torch.float16):
+            y = nn.functional.conv2d(x, w)
+            p = torch.softmax(y, 1)
+        after = nn.functional.conv2d(x, w)
+    assert (y.dtype, p.dtype, after.dtype) == (torch.float16, torch.float32, torch.float32)   # CUDA's op lists
+    assert not torch.is_autocast_enabled("cuda")
+
+
+@pytest.mark.skipif(not torch.backends.cuda.is_built(), reason="fake CUDA tensors need a CUDA build of torch")
+def test_the_cuda_policy_counts_the_same_graph_in_fp32_and_about_half_of_it_in_fp16():
+    def per_image(precision, device):
+        one, two = (am.measure(TINY_CFG, am.OPTIONS["plain"], precision, b, device=torch.device(device)).total
+                    for b in (1, 2))
+        return two - one
+
+    fp32 = per_image("fp32", "cuda")
+    assert fp32 == per_image("fp32", "cpu") > 0
+    assert 0.5 * fp32 < per_image("fp16", "cuda") < 0.75 * fp32     # convolutions' inputs halved, some kept in fp32
+
+
 def test_the_per_image_figure_does_not_depend_on_the_batch():
     totals = [am.measure(TINY_CFG, am.OPTIONS["plain"], "fp32", b, fake=False).total for b in (1, 2, 3)]
     per_image = totals[1] - totals[0]
@@ -165,6 +190,7 @@ def test_the_gpu_path_runs_training_steps(monkeypatch):
     (["--fragmentation", "1"], "--fragmentation must be in [0, 1)"),
     (["--memories", "16,x"], "comma-separated numbers"),
     (["--cpu-check", "0"], "must be positive"),
+    (["--policy", "cuda", "--tensors", "real"], "needs --device cuda"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
