@@ -21,7 +21,7 @@ python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda
 part gpu_check 210 python benchmarks/gpu_check.py --presets cifar10,celebahq256 --no-compile --steps 3 \
   --budget-minutes 3.2
 part activation_memory_cuda 130 python benchmarks/activation_memory.py --device cuda --presets celebahq256 \
-  --options plain,checkpointing --precisions bf16 --cuda-batches 1,2 --json "$OUT/activation_memory_cuda.json"
+  --options plain,checkpointing --precisions fp16 --cuda-batches 1,2 --json "$OUT/activation_memory_cuda.json"
 part ddp_nccl 80 torchrun --standalone --nproc_per_node 1 -m nvae train --device cuda --max-steps 3 \
   --run-dir "$OUT/ddp_run" --no-progress
 part gpu_check_compile 140 python benchmarks/gpu_check.py --presets cifar10 --options "bf16 compile" --steps 3 \
