@@ -322,7 +322,7 @@ def cells_beyond_saved(cfg: NVAEConfig, option: Option, precision: str,
 
 
 def _beyond_saved(cell: nn.Module, shape: tuple, dtype: torch.dtype, channels_last: bool,
-                  autocast: Optional[torch.dtype], exclude: List[torch.Tensor]) -> int:
+                  autocast_dtype: Optional[torch.dtype], exclude: List[torch.Tensor]) -> int:
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -331,7 +331,7 @@ def _beyond_saved(cell: nn.Module, shape: tuple, dtype: torch.dtype, channels_la
     saved: List[Saved] = []
 
     def forward_and_backward():
-        with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+        with autocast("cpu", autocast_dtype):
             saved.append(saved_for_backward(lambda: kept.append(cell(x)), exclude + [x]))
         y = kept[0]
         y.backward(torch.randn_like(y))
@@ -347,7 +347,7 @@ def step_peak(cfg: NVAEConfig, option: Option, precision: str, batch: int) -> in
     dtype = PRECISIONS[precision]
 
     def step():
-        with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+        with autocast("cpu", dtype):
             loss = nvae_loss(model, x, beta=0.5, lam=1e-2, alpha=alpha).loss
         loss.backward()
 
